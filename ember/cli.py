@@ -1,0 +1,137 @@
+"""The `ember` command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from ember.models.catalog import DEFAULT_MODEL
+
+app = typer.Typer(help="ember: serve and run open models on ember's own engine.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="catalog name, local path or HF repo id")
+
+
+def _engine(model: str, device: str, dtype: str, kv_cache_memory: str):
+    from ember import CacheConfig, EngineConfig, LLMEngine
+
+    try:
+        return LLMEngine(
+            EngineConfig(model=model, device=device, dtype=dtype, cache=CacheConfig(kv_cache_memory=kv_cache_memory))
+        )
+    except (ValueError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _stream(engine, prompt, params) -> str:
+    """Run one request to the end, printing text as it becomes safe to show."""
+    request = engine.add_request(prompt, params)
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == request.request_id:
+                delta = out.outputs[0].delta_text
+                text += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    return text
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="the prompt text"),
+    model: str = ModelOpt,
+    max_tokens: int = typer.Option(128, help="tokens to generate at most"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: int | None = typer.Option(None),
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+    chat: bool = typer.Option(False, "--chat", help="wrap the prompt as a user message in the chat template"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    kv_cache_memory: str = typer.Option("1GiB", help="memory budget for the KV block pool"),
+) -> None:
+    """Generate a completion for PROMPT, streaming it to stdout."""
+    from ember import SamplingParams
+
+    engine = _engine(model, device, dtype, kv_cache_memory)
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop
+        )
+        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        _stream(engine, ids, params)
+    except ValueError as exc:
+        typer.secho(f"\nerror: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    model: str = ModelOpt,
+    system: str | None = typer.Option(None, help="system prompt"),
+    max_tokens: int = typer.Option(512),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.9),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    kv_cache_memory: str = typer.Option("1GiB"),
+) -> None:
+    """Chat interactively; replies stream as they are generated. Ctrl-D or /exit to leave."""
+    from ember import SamplingParams
+
+    engine = _engine(model, device, dtype, kv_cache_memory)
+    messages = [{"role": "system", "content": system}] if system else []
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+    typer.secho(f"chatting with {model} (/exit to leave, /reset to forget)", fg="cyan", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = _stream(engine, engine.tokenizer.apply_chat_template(messages), params)
+        except ValueError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            messages.pop()
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+@bench_app.command("offline")
+def bench_offline(
+    model: str = ModelOpt,
+    num_prompts: int = typer.Option(64, help="chat prompts for ember (one batch)"),
+    max_tokens: int = typer.Option(128, help="new tokens per prompt (EOS ignored)"),
+    hf_prompts: int = typer.Option(8, help="prompts HF transformers generates one at a time (0: skip HF)"),
+    out: str | None = typer.Option(None, help="write the results as JSON here"),
+) -> None:
+    """ember batched vs HF transformers `generate` one prompt at a time: output tokens/s and the ratio."""
+    from ember.bench.offline import run_offline
+
+    run_offline(model, num_prompts, max_tokens, hf_prompts, out)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Engine configuration: one dataclass per concern, each checked where it is made."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20}
+_UNITS |= {"g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_bytes(value: str | int) -> int:
+    """'2GiB', '512MB', '1g' or a plain number of bytes -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read '{value}' as a size; write e.g. 2GiB, 512MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | str = "2GiB"  # memory budget for the KV block pool
+    num_blocks: int | None = None  # set directly to override the budget (tests force tiny pools)
+
+    def __post_init__(self) -> None:
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1 (got {self.block_size})")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1 (got {self.num_blocks})")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 128  # cap on running sequences
+    max_num_batched_tokens: int = 2048  # token budget per step, shared by prefill chunks and decodes
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be at least 1 (got {self.max_num_seqs})")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1 (got {self.max_num_batched_tokens})")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m-instruct"
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    seed: int = 0  # for requests that give no seed of their own
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16 (got '{self.dtype}')")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1 (got {self.max_model_len})")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)

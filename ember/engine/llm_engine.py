@@ -1,0 +1,235 @@
+"""The engine loop: admit requests, schedule a step, run the model, sample, detokenize, report.
+
+`step()` is one iteration of continuous batching. It is synchronous and single-threaded; `LLM` drives
+it to completion for offline batches and `AsyncEngine` runs it on a thread for online serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import torch
+
+from ember.config import EngineConfig
+from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.kv_cache import KVCacheManager
+from ember.engine.model_runner import ModelRunner
+from ember.engine.sampler import sample
+from ember.engine.scheduler import Scheduler
+from ember.engine.sequence import Request, Sequence
+from ember.errors import InvalidRequest
+from ember.models.catalog import resolve_model
+from ember.models.config import ModelConfig
+from ember.models.loader import load_model
+from ember.outputs import CompletionOutput, RequestOutput
+from ember.sampling_params import SamplingParams
+from ember.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model(config.model)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.device = torch.device(config.device)
+        self.max_model_len = config.max_model_len or ModelConfig.from_dir(path).max_position_embeddings
+        self.model = load_model(path, config.torch_dtype, self.device, self.max_model_len)
+        self.model_config = self.model.config
+        self.eos_token_ids = self.model_config.eos_token_ids or [self.tokenizer.eos_token_id]
+        cache = config.cache
+        per_block = ModelRunner.bytes_per_block(self.model_config, cache.block_size, config.torch_dtype)
+        num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, cache.block_size,
+                 num_blocks * per_block / 2**20)
+        self.kv = KVCacheManager(num_blocks, cache.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.device)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.requests: dict[str, Request] = {}
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id '{request_id}' is already in use", param="request_id")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+        self._validate(ids, params)
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        request = Request(
+            request_id, text, ids, params, len(ids) + max_tokens, eos_token_ids=self.eos_token_ids
+        )
+        request.seqs.append(self._new_sequence(request, 0))
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
+        return request
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                 param="prompt")
+        bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                                 param="logit_bias")
+        want = len(ids) + (params.max_tokens or 1)
+        if want > self.max_model_len:
+            raise InvalidRequest(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks "
+                f"for {want} ({len(ids)} in the prompt, {params.max_tokens or 1} to generate)",
+                param="max_tokens" if params.max_tokens else "prompt",
+                code="context_length_exceeded",
+            )
+        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        if want > capacity:
+            raise InvalidRequest(
+                f"the request needs {want} tokens of KV cache; the pool holds {capacity} "
+                "(raise the KV cache memory budget)",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    def _new_sequence(self, request: Request, index: int) -> Sequence:
+        p = request.params
+        generator = None
+        if p.seed is not None:
+            # Sample i of a seeded request has a seed of its own, derived from the request's.
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed((p.seed * 1_000_003 + index) % 2**63)
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            request.prompt_token_ids,
+            skip_special_tokens=p.skip_special_tokens,
+            stop=p.stop_list,
+            include_stop_str_in_output=p.include_stop_str_in_output,
+        )
+        return Sequence(
+            request, index, list(request.prompt_token_ids), detok, generator,
+            logprobs=[] if p.logprobs is not None else None,
+        )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -----------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        # Decodes first, then prefill chunks: the layout the attention code expects.
+        items = sorted(sched.num_scheduled.items(), key=lambda item: item[1] != 1)
+        work, sample_rows, to_sample = [], [], []
+        for j, (seq, n) in enumerate(items):
+            work.append((seq.token_ids, seq.num_computed_tokens, n, seq.block_table))
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sample_rows.append(j)
+                to_sample.append(seq)
+        self.runner.copy_blocks(self.kv.take_copies())
+        logits = self.runner.execute(work, sample_rows)
+        for seq, n in items:
+            seq.num_computed_tokens += n
+
+        rows, seqs = [], []
+        for row, seq in enumerate(to_sample):
+            group = [seq]
+            if seq.params.n > 1 and not seq.request.forked:
+                group += self._fork(seq)
+            rows += [row] * len(group)
+            seqs += group
+        if not seqs:
+            return []
+        result = sample(logits[torch.tensor(rows, device=logits.device)], seqs)
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(seqs):
+            entry = result.logprobs[i]
+            self._append_token(seq, result.token_ids[i], result.chosen_logprobs[i], entry)
+            touched[seq.request.request_id] = seq.request
+        outputs = [self._output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                del self.requests[r.request_id]
+        return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        request = parent.request
+        request.forked = True
+        children = []
+        for index in range(1, request.params.n):
+            child = self._new_sequence(request, index)
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.kv.fork(parent, child)
+            children.append(child)
+        request.seqs += children
+        self.scheduler.insert_after(parent, children)
+        return children
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float, entry) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if seq.logprobs is not None:
+            seq.logprobs.append(entry)
+        if not p.ignore_eos and token in seq.request.eos_token_ids:
+            self._finish(seq, "stop", None)
+        elif token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        else:
+            matched = seq.detokenizer.append([token])
+            if matched is not None:
+                self._finish(seq, "stop", matched)
+            elif seq.num_tokens >= seq.request.max_total_tokens:
+                self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        self.scheduler.finish(seq)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = []
+        for seq in request.seqs:
+            delta = seq.detokenizer.flush() if seq.finished else seq.detokenizer.take_delta()
+            new_ids = seq.output_token_ids[seq.num_emitted_tokens :]
+            seq.num_emitted_tokens = seq.num_output_tokens
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.detokenizer.text,
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    cumulative_logprob=seq.cumulative_logprob,
+                    delta_text=delta,
+                    delta_token_ids=new_ids,
+                )
+            )
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished
+        )
+

@@ -1,0 +1,100 @@
+"""Turns a scheduled step into one flat forward pass over the paged KV cache.
+
+The runner knows tokens, positions, block tables and context lengths; nothing of requests, strings or
+sampling. Decode tokens (one query each) go first in the flat batch, prefill chunks after, which is the
+order the attention code expects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ember.models.attention import AttentionMetadata, PrefillChunk
+from ember.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device):
+        cfg = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        dtype = next(model.parameters()).dtype
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # One K and one V tensor per layer: [num_blocks, block_size, Hkv, D].
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * model_cfg.head_dim
+        return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+    @torch.inference_mode()
+    def execute(
+        self,
+        work: list[tuple[list[int], int, int, list[int]]],
+        sample_rows: list[int],
+    ) -> torch.Tensor:
+        """Run one step.
+
+        work: per sequence (token_ids, num_computed_tokens, num_new_tokens, block_table), decodes first.
+        sample_rows: indices into `work` of the sequences whose last new token is to be sampled from.
+        Returns logits [len(sample_rows), vocab] in fp32.
+        """
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        num_decodes = 0
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        last_token_of: list[int] = []
+        for tokens, start, n, table in work:
+            ctx = start + n
+            if n == 1 and not prefills:
+                num_decodes += 1
+                decode_tables.append(table)
+                decode_lens.append(ctx)
+            else:
+                prefills.append(PrefillChunk(len(ids), n, ctx, torch.tensor(table, device=self.device)))
+            ids.extend(tokens[start:ctx])
+            positions.extend(range(start, ctx))
+            last_token_of.append(len(ids) - 1)
+        pos = torch.tensor(positions, device=self.device)
+        slots = self._slots(work, pos, bs)
+        width = max((len(t) for t in decode_tables), default=0)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_decode_tokens=num_decodes,
+            decode_block_tables=torch.tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=self.device
+            ).view(num_decodes, width),
+            decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=self.device),
+            prefills=prefills,
+        )
+        hidden = self.model(torch.tensor(ids, device=self.device), pos, self.kv_caches, meta)
+        rows = torch.tensor([last_token_of[i] for i in sample_rows], dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows])
+
+    def _slots(self, work, pos: torch.Tensor, bs: int) -> torch.Tensor:
+        # slot of position p of a sequence = block_table[p // bs] * bs + p % bs
+        pos_cpu = pos.cpu()
+        blocks = torch.empty_like(pos_cpu)
+        offset = 0
+        for _, _, n, table in work:
+            p = pos_cpu[offset : offset + n]
+            blocks[offset : offset + n] = torch.tensor(table, dtype=torch.long)[p // bs]
+            offset += n
+        return (blocks * bs + pos_cpu % bs).to(self.device)

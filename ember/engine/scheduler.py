@@ -1,0 +1,100 @@
+"""Continuous batching with one token budget per step.
+
+Each step hands out at most `max_num_batched_tokens` tokens of work: running sequences first (a decode
+costs one token; a prompt still being prefilled takes a chunk of what is left), then waiting sequences
+in arrival order, up to `max_num_seqs` running. When the KV pool cannot hold a running sequence's next
+tokens, the newest running sequence is preempted: its blocks go back to the pool and it returns to the
+front of the queue, to be recomputed (prompt plus what it generated so far) when room frees up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ember.config import SchedulerConfig
+from ember.engine.kv_cache import KVCacheManager
+from ember.engine.sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerOutput:
+    # Tokens of work per sequence this step, in running order.
+    num_scheduled: dict[Sequence, int] = field(default_factory=dict)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.num_scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(seq, n):
+                victim = self.running.pop()  # the newest; sequences before i are already scheduled
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.num_scheduled[seq] = n
+                budget -= n
+                i += 1
+                continue
+            break
+        # Admit new work only when nothing had to be preempted this step: FCFS, no skipping ahead.
+        while not out.preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(seq, n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            out.num_scheduled[seq] = n
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def insert_after(self, anchor: Sequence, seqs: list[Sequence]) -> None:
+        """Place freshly forked samples right after their parent in the running list."""
+        at = self.running.index(anchor) + 1
+        for s in seqs:
+            s.status = Status.RUNNING
+        self.running[at:at] = seqs
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence wherever it is and return its blocks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+        self.kv.free(seq)

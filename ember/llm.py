@@ -1,0 +1,77 @@
+"""Offline batch inference: `LLM(model=...).generate(prompts, SamplingParams(...))`, as in vLLM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ember.config import CacheConfig, EngineConfig, SchedulerConfig
+from ember.engine.llm_engine import LLMEngine
+from ember.models.catalog import DEFAULT_MODEL
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Keyword arguments are EngineConfig fields plus the cache and scheduler fields, flat:
+    device, dtype, max_model_len, seed, block_size, kv_cache_memory, num_blocks, max_num_seqs,
+    max_num_batched_tokens."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any):
+        cache = {k: kwargs.pop(k) for k in ("block_size", "kv_cache_memory", "num_blocks") if k in kwargs}
+        sched = {k: kwargs.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in kwargs}
+        config = EngineConfig(
+            model=model, cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kwargs
+        )
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [self.engine.add_request(p, sp).request_id for p, sp in zip(prompts, params, strict=True)]
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | Seq[list[dict[str, str]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        prompts = [self.tokenizer.apply_chat_template(m) for m in messages]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generating", disable=not use_tqdm)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            bar.close()
+        return [final[rid] for rid in request_ids]

@@ -1,0 +1,102 @@
+"""Attention over the paged KV cache: the plain-PyTorch reference path (CPU, and GPU fallback).
+
+A step's flat batch holds decode tokens first (one query per sequence), then prefill chunks (a run of
+queries per sequence, possibly after a prefix already in the cache). Keys and values of every new token
+are written to their cache slots first; attention then reads each sequence's whole context from its
+blocks, so chunked prefill, recompute and cached prefixes all go through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    query_start: int  # offset of the chunk's first token in the flat batch
+    query_len: int
+    context_len: int  # tokens of context once this chunk is written (cached prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks_of_sequence] long
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] long: block_id * block_size + offset of each new token
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long (padded with 0)
+    decode_context_lens: torch.Tensor  # [num_decodes] long
+    prefills: list[PrefillChunk]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """k_cache, v_cache [num_blocks, block_size, Hkv, D]; k, v [T, Hkv, D]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context."""
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
+    for chunk in meta.prefills:
+        rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
+        out[rows] = _prefill(q[rows], k_cache, v_cache, chunk, scale, sliding_window)
+    return out
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    # [..., nb] block ids -> [..., nb * block_size, Hkv, D]
+    g = cache[block_table]
+    return g.reshape(*block_table.shape[:-1], -1, *cache.shape[2:])
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
+    b, hq, d = q.shape
+    k = _gather(k_cache, meta.decode_block_tables)  # [B, L, Hkv, D]
+    v = _gather(v_cache, meta.decode_block_tables)
+    hkv = k.shape[2]
+    qg = q.view(b, hkv, hq // hkv, d)  # grouped query heads share one KV head
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
+    key_pos = torch.arange(k.shape[1], device=q.device)
+    lens = meta.decode_context_lens[:, None]
+    masked = key_pos[None, :] >= lens  # [B, L]
+    if window is not None:
+        masked |= key_pos[None, :] <= lens - 1 - window
+    scores.masked_fill_(masked[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(b, hq, d)
+
+
+def _prefill(q, k_cache, v_cache, chunk: PrefillChunk, scale: float, window: int | None):
+    n_blocks = -(-chunk.context_len // k_cache.shape[1])
+    k = _gather(k_cache, chunk.block_table[:n_blocks])[: chunk.context_len]  # [L, Hkv, D]
+    v = _gather(v_cache, chunk.block_table[:n_blocks])[: chunk.context_len]
+    # Query i sits at absolute position context_len - query_len + i and sees keys at positions <= its own.
+    q_pos = torch.arange(chunk.context_len - chunk.query_len, chunk.context_len, device=q.device)
+    k_pos = torch.arange(chunk.context_len, device=q.device)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1),  # [Hq, Tq, D]
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=allowed,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.transpose(0, 1)

@@ -1,0 +1,26 @@
+"""Build a model from an HF-layout directory: config, weights, device and dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ember.models.config import ModelConfig
+from ember.models.llama import LlamaForCausalLM
+from ember.models.weights import load_state_dict
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int | None = None
+) -> LlamaForCausalLM:
+    config = ModelConfig.from_dir(path)
+    # Construct without initialising (the checkpoint overwrites every parameter), then load.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.load_hf_state_dict(load_state_dict(Path(path), dtype=torch.float32))
+    model.rope.to(device)
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,66 @@
+"""Text <-> token ids for one model, over a transformers fast tokenizer in an HF-layout directory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+class Tokenizer:
+    def __init__(self, hf: PreTrainedTokenizerBase, name: str) -> None:
+        self._hf = hf
+        self.name = name
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load `tokenizer.json` / `tokenizer_config.json` (and a chat template, if any) from `path`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"tokenizer directory '{path}' does not exist; point it at a model directory in HF layout "
+                "(tokenizer.json, tokenizer_config.json)"
+            )
+        hf = AutoTokenizer.from_pretrained(str(path))
+        return cls(hf, name=path.name)
+
+    @property
+    def hf(self) -> PreTrainedTokenizerBase:
+        """The underlying transformers tokenizer, for what this class does not wrap."""
+        return self._hf
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._hf.eos_token_id
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._hf.bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        # len() counts added tokens, which `hf.vocab_size` leaves out. The model's embedding may still be
+        # larger (padded to a multiple of 64 or so): never size logits from this.
+        return len(self._hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Render `messages` with the model's chat template and return the prompt's token ids."""
+        if not self._hf.chat_template:
+            raise ValueError(f"model {self.name} has no chat template; use generate() with a plain prompt")
+        # Render to text, then encode: in transformers 5 `tokenize=True` returns a BatchEncoding rather than a
+        # list. No special tokens are added on encode because templates that want a BOS write it themselves
+        # (`{{ bos_token }}`); adding one here would double it.
+        text = self._hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return self.encode(text, add_special_tokens=False)

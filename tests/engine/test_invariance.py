@@ -1,0 +1,93 @@
+"""A sequence's greedy output does not depend on what else the engine is doing."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember import LLM, SamplingParams
+from tests.helpers import make_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+def _alone(llm: LLM, prompt: list[int], params=GREEDY) -> list[int]:
+    return llm.generate(prompt, params)[0].outputs[0].token_ids
+
+
+def _drive(engine, schedule: dict[int, list], max_steps: int = 10_000) -> dict:
+    """Step the engine, running schedule[step] actions (callables) before that step; final outputs by id."""
+    final, step = {}, 0
+    while engine.has_unfinished_requests() or any(k >= step for k in schedule):
+        for action in schedule.get(step, []):
+            action()
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        step += 1
+        assert step < max_steps
+    return final
+
+
+def test_unchanged_when_others_join_and_leave(random_llm):
+    llm = random_llm
+    engine = llm.engine
+    target, long_p, short_p = make_prompts(llm.tokenizer, [30, 250, 8], seed=3)
+    want = _alone(llm, target)
+    final = _drive(engine, {
+        0: [lambda: engine.add_request(target, GREEDY, "target")],
+        2: [lambda: engine.add_request(long_p, SamplingParams(temperature=0, max_tokens=10), "long"),
+            lambda: engine.add_request(short_p, SamplingParams(temperature=0.8, max_tokens=60, seed=1), "short")],
+        6: [lambda: engine.abort_request("short")],
+        9: [lambda: engine.add_request(short_p, SamplingParams(temperature=0, max_tokens=5), "late")],
+    })
+    assert final["target"].outputs[0].token_ids == want
+    assert "short" not in final and {"long", "late"} <= set(final)
+    assert engine.kv.pool.is_whole()
+
+
+@pytest.mark.parametrize("budget", [1, 5, 16, 97])
+def test_unchanged_under_chunked_prefill(random_model_dirs, random_llm, budget):
+    prompts = make_prompts(random_llm.tokenizer, [40, 180], seed=4)
+    want = [_alone(random_llm, p) for p in prompts]
+    llm = LLM(model=str(random_model_dirs["llama-gqa"]), max_num_batched_tokens=budget, num_blocks=64)
+    got = [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)]
+    assert got == want
+    assert llm.engine.kv.pool.is_whole()
+
+
+def test_unchanged_when_preempted_and_recomputed(random_model_dirs, random_llm):
+    prompts = make_prompts(random_llm.tokenizer, [20, 35, 50, 28, 44, 60], seed=5)
+    want = [_alone(random_llm, p) for p in prompts]
+    # 6 sequences of up to ~100 tokens in blocks of 4 need ~150 blocks; give them 40.
+    llm = LLM(model=str(random_model_dirs["llama-gqa"]), block_size=4, num_blocks=40)
+    got = [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert got == want
+    assert llm.engine.kv.pool.is_whole()
+
+
+def test_pool_whole_after_aborts_at_every_stage(random_llm):
+    engine = random_llm.engine
+    prompts = make_prompts(random_llm.tokenizer, [10, 300, 40, 25, 500, 12], seed=6)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    params = SamplingParams(temperature=0.7, max_tokens=30, n=2, seed=0)
+    final = _drive(engine, {
+        0: [lambda: [engine.add_request(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]],
+        1: [lambda: engine.abort_request("r1")],  # mid-prefill
+        4: [lambda: engine.abort_request("r0")],  # decoding, forked
+        5: [lambda: engine.abort_request("r4")],
+    })
+    assert set(final) == {"r2", "r3", "r5"}
+    assert engine.kv.pool.is_whole() and not engine.scheduler.has_work()
+
+
+@pytest.mark.slow
+def test_default_model_invariant_to_chunking_and_preemption(default_model_dir, default_llm):
+    prompts = make_prompts(default_llm.tokenizer, [30, 120, 300], seed=7)
+    params = SamplingParams(temperature=0, max_tokens=32)
+    want = [_alone(default_llm, p, params) for p in prompts]
+    llm = LLM(model=str(default_model_dir), max_num_batched_tokens=37, block_size=8, num_blocks=70)
+    got = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert got == want
+    assert llm.engine.kv.pool.is_whole()

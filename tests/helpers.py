@@ -1,0 +1,52 @@
+"""Reference runs for the tests: HF transformers greedy generation and ember's raw prefill logits."""
+
+from __future__ import annotations
+
+import torch
+
+from ember import LLM
+
+
+def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
+    x = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        y = hf_model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos_ids, pad_token_id=eos_ids[0], top_k=None, top_p=None, temperature=None,
+        )
+    return y[0, len(prompt_ids):].tolist()
+
+
+def hf_last_logits(hf_model, prompt_ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf_model(torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+def ember_last_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
+    """One prefill of the whole prompt through ember's runner and paged cache: the last position's logits."""
+    engine = llm.engine
+    pool = engine.kv.pool
+    blocks = [pool.allocate() for _ in range(engine.kv.blocks_for(len(prompt_ids)))]
+    try:
+        work = [(prompt_ids, 0, len(prompt_ids), blocks)]
+        return engine.runner.execute(work, [0])[0]
+    finally:
+        for b in blocks:
+            pool.decref(b)
+
+
+def make_prompts(tokenizer, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Chat-templated prompts of roughly the given token lengths (real text, not random ids)."""
+    words = (
+        "the river carried small stones past the old mill while children counted boats and "
+        "an engineer measured the flow of water through the narrow gate near the bridge"
+    ).split()
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for n in lengths:
+        k = max(1, int(n * 0.8))
+        picks = torch.randint(len(words), (k,), generator=g).tolist()
+        text = " ".join(words[i] for i in picks)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Summarize: {text}"}])
+        prompts.append(ids)
+    return prompts
