@@ -21,7 +21,9 @@ def _engine(model: str, device: str, dtype: str, kv_cache_memory: str):
 
     try:
         return LLMEngine(
-            EngineConfig(model=model, device=device, dtype=dtype, cache=CacheConfig(kv_cache_memory=kv_cache_memory))
+            EngineConfig(
+                model=model, device=device, dtype=dtype, cache=CacheConfig(kv_cache_memory=kv_cache_memory)
+            )
         )
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
@@ -114,18 +116,52 @@ def chat(
         messages.append({"role": "assistant", "content": reply})
 
 
+@app.command()
+def serve(
+    model: str = ModelOpt,
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    served_model_name: str | None = typer.Option(None, help="the name clients use (default: --model)"),
+    device: str = typer.Option("cpu"),
+    dtype: str = typer.Option("float32"),
+    kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
+    max_num_seqs: int = typer.Option(128, help="cap on running sequences"),
+    max_num_batched_tokens: int = typer.Option(2048, help="token budget per engine step"),
+) -> None:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from ember import AsyncEngine, CacheConfig, EngineConfig, SchedulerConfig
+    from ember.server.app import create_app
+
+    config = EngineConfig(
+        model=model,
+        device=device,
+        dtype=dtype,
+        cache=CacheConfig(kv_cache_memory=kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+    )
+    try:
+        engine = AsyncEngine(config)
+    except (ValueError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    uvicorn.run(create_app(engine, served_model_name or model), host=host, port=port, log_level="info")
+
+
 @bench_app.command("offline")
 def bench_offline(
     model: str = ModelOpt,
     num_prompts: int = typer.Option(64, help="chat prompts for ember (one batch)"),
     max_tokens: int = typer.Option(128, help="new tokens per prompt (EOS ignored)"),
     hf_prompts: int = typer.Option(8, help="prompts HF transformers generates one at a time (0: skip HF)"),
+    dtype: list[str] = typer.Option(["float32"], help="ember weight dtype (repeatable: one run each)"),
     out: str | None = typer.Option(None, help="write the results as JSON here"),
 ) -> None:
     """ember batched vs HF transformers `generate` one prompt at a time: output tokens/s and the ratio."""
     from ember.bench.offline import run_offline
 
-    run_offline(model, num_prompts, max_tokens, hf_prompts, out)
+    run_offline(model, num_prompts, max_tokens, hf_prompts, out, dtype)
 
 
 def main() -> None:

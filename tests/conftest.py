@@ -10,7 +10,12 @@ import torch
 
 from ember.models.catalog import DEFAULT_MODEL, resolve_model
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 @pytest.fixture(scope="session")
@@ -27,16 +32,31 @@ def build_random_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        initializer_range=0.15, bos_token_id=1, eos_token_id=2,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        initializer_range=0.15,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     if kind == "llama-gqa":
         # GQA with 2 KV heads (group of 2), untied head, Llama-3 rope scaling.
         cfg = LlamaConfig(
-            **common, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=50000.0,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+            **common,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_theta=50000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
         )
         model_cls = LlamaForCausalLM
     elif kind == "qwen2-bias":

@@ -11,10 +11,17 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int, eos_ids: lis
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
         y = hf_model.generate(
-            x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=eos_ids, pad_token_id=eos_ids[0], top_k=None, top_p=None, temperature=None,
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_ids,
+            pad_token_id=eos_ids[0],
+            top_k=None,
+            top_p=None,
+            temperature=None,
         )
-    return y[0, len(prompt_ids):].tolist()
+    return y[0, len(prompt_ids) :].tolist()
 
 
 def hf_last_logits(hf_model, prompt_ids: list[int]) -> torch.Tensor:
@@ -37,10 +44,36 @@ def ember_last_logits(llm: LLM, prompt_ids: list[int]) -> torch.Tensor:
 
 def make_prompts(tokenizer, lengths: list[int], seed: int = 0) -> list[list[int]]:
     """Chat-templated prompts of roughly the given token lengths (real text, not random ids)."""
-    words = (
-        "the river carried small stones past the old mill while children counted boats and "
-        "an engineer measured the flow of water through the narrow gate near the bridge"
-    ).split()
+    words = [
+        "the",
+        "river",
+        "carried",
+        "small",
+        "stones",
+        "past",
+        "the",
+        "old",
+        "mill",
+        "while",
+        "children",
+        "counted",
+        "boats",
+        "and",
+        "an",
+        "engineer",
+        "measured",
+        "the",
+        "flow",
+        "of",
+        "water",
+        "through",
+        "the",
+        "narrow",
+        "gate",
+        "near",
+        "the",
+        "bridge",
+    ]
     g = torch.Generator().manual_seed(seed)
     prompts = []
     for n in lengths:

@@ -42,8 +42,12 @@ class LLMEngine:
         cache = config.cache
         per_block = ModelRunner.bytes_per_block(self.model_config, cache.block_size, config.torch_dtype)
         num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", num_blocks, cache.block_size,
-                 num_blocks * per_block / 2**20)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.0f MiB)",
+            num_blocks,
+            cache.block_size,
+            num_blocks * per_block / 2**20,
+        )
         self.kv = KVCacheManager(num_blocks, cache.block_size)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.device)
         self.scheduler = Scheduler(config.scheduler, self.kv)
@@ -81,12 +85,14 @@ class LLMEngine:
             raise InvalidRequest("the prompt is empty", param="prompt")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequest(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                 param="prompt")
+            raise InvalidRequest(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+            )
         bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
         if bad:
-            raise InvalidRequest(f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                                 param="logit_bias")
+            raise InvalidRequest(
+                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
+            )
         want = len(ids) + (params.max_tokens or 1)
         if want > self.max_model_len:
             raise InvalidRequest(
@@ -119,7 +125,11 @@ class LLMEngine:
             include_stop_str_in_output=p.include_stop_str_in_output,
         )
         return Sequence(
-            request, index, list(request.prompt_token_ids), detok, generator,
+            request,
+            index,
+            list(request.prompt_token_ids),
+            detok,
+            generator,
             logprobs=[] if p.logprobs is not None else None,
         )
 
@@ -189,12 +199,12 @@ class LLMEngine:
         self.scheduler.insert_after(parent, children)
         return children
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float, entry) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None, entry) -> None:
         p = seq.params
         seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
         if seq.logprobs is not None:
             seq.logprobs.append(entry)
+            seq.cumulative_logprob += logprob
         if not p.ignore_eos and token in seq.request.eos_token_ids:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
@@ -224,7 +234,7 @@ class LLMEngine:
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                    cumulative_logprob=seq.cumulative_logprob,
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
                     delta_text=delta,
                     delta_token_ids=new_ids,
                 )
@@ -232,4 +242,3 @@ class LLMEngine:
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished
         )
-

@@ -20,8 +20,8 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # One K and one V tensor per layer: [num_blocks, block_size, Hkv, D].
+        shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
+        # One K and one V tensor per layer: [Hkv, num_blocks, block_size, D].
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)
@@ -38,8 +38,8 @@ class ModelRunner:
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         for k, v in self.kv_caches:
-            k[dst] = k[src]
-            v[dst] = v[src]
+            k[:, dst] = k[:, src]
+            v[:, dst] = v[:, src]
 
     @torch.inference_mode()
     def execute(

@@ -20,14 +20,17 @@ from ember.outputs import Logprob
 @dataclass
 class SampleResult:
     token_ids: list[int]
-    # Per row: the chosen token's logprob entry plus top alternatives, or None where not requested.
+    # Per row, where logprobs were requested (None elsewhere): the chosen token's entry plus the top
+    # alternatives, and the chosen token's logprob.
     logprobs: list[dict[int, Logprob] | None]
-    chosen_logprobs: list[float]
+    chosen_logprobs: list[float | None]
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits [N, vocab] fp32, one row per sequence in `seqs`."""
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    # The model's raw distribution, only where someone asked for logprobs (a full-vocab pass per row).
+    raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
     logits = logits.clone()
     _apply_bias_and_penalties(logits, seqs)
 
@@ -35,17 +38,19 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     chosen = logits.argmax(dim=-1)
     if not bool(greedy.all()):
-        temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
+        temps = torch.tensor(
+            [p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device
+        )
         probs = _filtered_probs(logits / temps[:, None], params)
         sampled = (probs / _exponential_noise(probs, seqs)).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 
-    chosen_lp = raw_logprobs.gather(1, chosen[:, None]).squeeze(1)
     token_ids = chosen.tolist()
-    result = SampleResult(token_ids, [None] * len(seqs), chosen_lp.tolist())
-    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result = SampleResult(token_ids, [None] * len(seqs), [None] * len(seqs))
     if wanted:
-        result.logprobs = _logprob_entries(raw_logprobs, token_ids, result.chosen_logprobs, params, wanted)
+        result.logprobs, lps = _logprob_entries(raw_logprobs, token_ids, params, wanted)
+        for i, lp in zip(wanted, lps, strict=True):
+            result.chosen_logprobs[i] = lp
     return result
 
 
@@ -108,19 +113,19 @@ def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tenso
     return noise
 
 
-def _logprob_entries(raw, token_ids, chosen_lp, params, wanted) -> list[dict[int, Logprob] | None]:
-    entries: list[dict[int, Logprob] | None] = [None] * len(token_ids)
+def _logprob_entries(sub, token_ids, params, wanted) -> tuple[list[dict[int, Logprob]], list[float]]:
+    """sub [len(wanted), vocab]: raw logprobs of the rows that asked for them."""
     k_max = max(params[i].logprobs for i in wanted)
-    rows = torch.tensor(wanted, device=raw.device)
-    sub = raw[rows]
     top_vals, top_ids = sub.topk(max(k_max, 1), dim=-1)
-    chosen = torch.tensor([token_ids[i] for i in wanted], device=raw.device)
+    chosen = torch.tensor([token_ids[i] for i in wanted], device=sub.device)
+    chosen_lp = sub.gather(1, chosen[:, None])
     # rank 1 = most likely: one more than the number of tokens strictly more likely than the chosen one
-    ranks = (sub > sub.gather(1, chosen[:, None])).sum(dim=-1) + 1
+    ranks = (sub > chosen_lp).sum(dim=-1) + 1
+    chosen_lp = chosen_lp.squeeze(1).tolist()
+    entries = []
     for j, i in enumerate(wanted):
-        entry = {token_ids[i]: Logprob(chosen_lp[i], int(ranks[j]))}
+        entry = {token_ids[i]: Logprob(chosen_lp[j], int(ranks[j]))}
         for r in range(params[i].logprobs):
-            tid = int(top_ids[j, r])
-            entry.setdefault(tid, Logprob(float(top_vals[j, r]), r + 1))
-        entries[i] = entry
-    return entries
+            entry.setdefault(int(top_ids[j, r]), Logprob(float(top_vals[j, r]), r + 1))
+        entries.append(entry)
+    return entries, chosen_lp

@@ -34,9 +34,14 @@ class AttentionMetadata:
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
 ) -> None:
-    """k_cache, v_cache [num_blocks, block_size, Hkv, D]; k, v [T, Hkv, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+    """k_cache, v_cache [Hkv, num_blocks, block_size, D]; k, v [T, Hkv, D].
+
+    Heads lead the cache layout so that gathering a sequence's blocks yields [Hkv, L, D] directly, the
+    shape the attention matmuls read, with no transposing copy of the whole context.
+    """
+    hkv, d = k_cache.shape[0], k_cache.shape[-1]
+    k_cache.view(hkv, -1, d).index_copy_(1, slots, k.transpose(0, 1))
+    v_cache.view(hkv, -1, d).index_copy_(1, slots, v.transpose(0, 1))
 
 
 def paged_attention(
@@ -59,32 +64,35 @@ def paged_attention(
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    # [..., nb] block ids -> [..., nb * block_size, Hkv, D]
-    g = cache[block_table]
-    return g.reshape(*block_table.shape[:-1], -1, *cache.shape[2:])
+    # cache [Hkv, num_blocks, bs, D]; block ids [..., nb] -> [Hkv, ..., nb * bs, D]
+    g = cache[:, block_table]
+    return g.view(*g.shape[:-3], -1, g.shape[-1])
 
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
     b, hq, d = q.shape
-    k = _gather(k_cache, meta.decode_block_tables)  # [B, L, Hkv, D]
+    hkv = k_cache.shape[0]
+    k = _gather(k_cache, meta.decode_block_tables)  # [Hkv, B, L, D]
     v = _gather(v_cache, meta.decode_block_tables)
-    hkv = k.shape[2]
-    qg = q.view(b, hkv, hq // hkv, d)  # grouped query heads share one KV head
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
-    key_pos = torch.arange(k.shape[1], device=q.device)
+    length = k.shape[2]
+    # Grouped query heads share one KV head: [Hkv, B, G, D]
+    qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, B, G, L]
+    key_pos = torch.arange(length, device=q.device)
     lens = meta.decode_context_lens[:, None]
     masked = key_pos[None, :] >= lens  # [B, L]
     if window is not None:
         masked |= key_pos[None, :] <= lens - 1 - window
-    scores.masked_fill_(masked[:, None, None, :], float("-inf"))
+    scores.masked_fill_(masked[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(b, hq, d)
+    out = torch.matmul(probs, v)  # [Hkv, B, G, D]
+    return out.transpose(0, 1).reshape(b, hq, d)
 
 
 def _prefill(q, k_cache, v_cache, chunk: PrefillChunk, scale: float, window: int | None):
-    n_blocks = -(-chunk.context_len // k_cache.shape[1])
-    k = _gather(k_cache, chunk.block_table[:n_blocks])[: chunk.context_len]  # [L, Hkv, D]
-    v = _gather(v_cache, chunk.block_table[:n_blocks])[: chunk.context_len]
+    n_blocks = -(-chunk.context_len // k_cache.shape[2])
+    k = _gather(k_cache, chunk.block_table[:n_blocks])[:, : chunk.context_len]  # [Hkv, L, D]
+    v = _gather(v_cache, chunk.block_table[:n_blocks])[:, : chunk.context_len]
     # Query i sits at absolute position context_len - query_len + i and sees keys at positions <= its own.
     q_pos = torch.arange(chunk.context_len - chunk.query_len, chunk.context_len, device=q.device)
     k_pos = torch.arange(chunk.context_len, device=q.device)
@@ -93,8 +101,8 @@ def _prefill(q, k_cache, v_cache, chunk: PrefillChunk, scale: float, window: int
         allowed &= k_pos[None, :] > q_pos[:, None] - window
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1),  # [Hq, Tq, D]
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+        k,
+        v,
         attn_mask=allowed,
         scale=scale,
         enable_gqa=True,

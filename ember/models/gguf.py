@@ -89,37 +89,18 @@ def convert_gguf(gguf_path: str | Path) -> Path:
 def write_hf_dir(gguf_path: Path, out_dir: Path) -> None:
     """Write config, generation config, fp32 safetensors and tokenizer for `gguf_path` into `out_dir`."""
     reader = GGUFReader(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    rope_freqs = (
-        dequantize(tensors[ROPE_FREQS].data, tensors[ROPE_FREQS].tensor_type)
-        if ROPE_FREQS in tensors
-        else None
-    )
-    config = hf_config(reader, rope_freqs)
-    state = hf_state_dict(reader, config)
-    save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    del state
+    config = hf_config(reader)
+    save_file(hf_state_dict(reader, config), out_dir / "model.safetensors", metadata={"format": "pt"})
     tokenizer = _save_tokenizer(gguf_path, out_dir, reader, config)
-    declared = [
-        config["eos_token_id"],
-        _field(reader, "tokenizer.ggml.eot_token_id"),
-        _field(reader, "tokenizer.ggml.eom_token_id"),
-    ]
-    added = tokenizer.get_added_vocab()
-    eos_ids = [i for i in declared if i is not None] + [added[t] for t in EOG_TOKENS if t in added]
-    eos_ids = list(dict.fromkeys(eos_ids))
-    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": eos_ids}
-    if config.get("pad_token_id") is not None:
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": _eos_ids(reader, config, tokenizer)}
+    if config["pad_token_id"] is not None:
         generation["pad_token_id"] = config["pad_token_id"]
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (out_dir / "ember_source.json").write_text(
-        json.dumps({"gguf": str(Path(gguf_path).resolve()), "format_version": FORMAT_VERSION}, indent=2)
-        + "\n"
-    )
+    source = {"gguf": str(Path(gguf_path).resolve()), "format_version": FORMAT_VERSION}
+    for name, content in [("config", config), ("generation_config", generation), ("ember_source", source)]:
+        (out_dir / f"{name}.json").write_text(json.dumps(content, indent=2) + "\n")
 
 
-def hf_config(reader: GGUFReader, rope_freqs: np.ndarray | None = None) -> dict[str, Any]:
+def hf_config(reader: GGUFReader) -> dict[str, Any]:
     """The HF LlamaConfig / Qwen2Config dict that the GGUF's metadata describes."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -166,7 +147,7 @@ def hf_config(reader: GGUFReader, rope_freqs: np.ndarray | None = None) -> dict[
         "hidden_act": "silu",
         "rms_norm_eps": _f32_decimal(required("attention.layer_norm_rms_epsilon")),
         "rope_theta": rope_theta,
-        "rope_scaling": _rope_scaling(reader, arch, rope_freqs, head_dim, rope_theta),
+        "rope_scaling": _rope_scaling(reader, arch, head_dim, rope_theta),
         "max_position_embeddings": required("context_length"),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
@@ -284,11 +265,10 @@ def llama3_rope_scaling(rope_freqs: np.ndarray, head_dim: int, rope_theta: float
     )
 
 
-def _rope_scaling(
-    reader: GGUFReader, arch: str, rope_freqs: np.ndarray | None, head_dim: int, rope_theta: float
-) -> dict[str, Any] | None:
+def _rope_scaling(reader: GGUFReader, arch: str, head_dim: int, rope_theta: float) -> dict[str, Any] | None:
+    rope_freqs = next((t for t in reader.tensors if t.name == ROPE_FREQS), None)
     if rope_freqs is not None:
-        return llama3_rope_scaling(rope_freqs, head_dim, rope_theta)
+        return llama3_rope_scaling(dequantize(rope_freqs.data, rope_freqs.tensor_type), head_dim, rope_theta)
     kind = _field(reader, f"{arch}.rope.scaling.type")
     factor = _field(reader, f"{arch}.rope.scaling.factor")
     if kind in (None, "none") or factor in (None, 1.0):
@@ -320,6 +300,18 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, reader: GGUFReader, config: 
     tokenizer.model_max_length = config["max_position_embeddings"]
     tokenizer.save_pretrained(out_dir)
     return tokenizer
+
+
+def _eos_ids(reader: GGUFReader, config: dict[str, Any], tokenizer: Any) -> list[int]:
+    """Every token that ends generation: the ids the metadata declares, then those llama.cpp knows by text."""
+    declared = [
+        config["eos_token_id"],
+        _field(reader, "tokenizer.ggml.eot_token_id"),
+        _field(reader, "tokenizer.ggml.eom_token_id"),
+    ]
+    added = tokenizer.get_added_vocab()
+    by_text = [added[token] for token in EOG_TOKENS if token in added]
+    return list(dict.fromkeys([i for i in declared if i is not None] + by_text))
 
 
 def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:

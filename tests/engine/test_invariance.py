@@ -33,13 +33,20 @@ def test_unchanged_when_others_join_and_leave(random_llm):
     engine = llm.engine
     target, long_p, short_p = make_prompts(llm.tokenizer, [30, 250, 8], seed=3)
     want = _alone(llm, target)
-    final = _drive(engine, {
-        0: [lambda: engine.add_request(target, GREEDY, "target")],
-        2: [lambda: engine.add_request(long_p, SamplingParams(temperature=0, max_tokens=10), "long"),
-            lambda: engine.add_request(short_p, SamplingParams(temperature=0.8, max_tokens=60, seed=1), "short")],
-        6: [lambda: engine.abort_request("short")],
-        9: [lambda: engine.add_request(short_p, SamplingParams(temperature=0, max_tokens=5), "late")],
-    })
+    final = _drive(
+        engine,
+        {
+            0: [lambda: engine.add_request(target, GREEDY, "target")],
+            2: [
+                lambda: engine.add_request(long_p, SamplingParams(temperature=0, max_tokens=10), "long"),
+                lambda: engine.add_request(
+                    short_p, SamplingParams(temperature=0.8, max_tokens=60, seed=1), "short"
+                ),
+            ],
+            6: [lambda: engine.abort_request("short")],
+            9: [lambda: engine.add_request(short_p, SamplingParams(temperature=0, max_tokens=5), "late")],
+        },
+    )
     assert final["target"].outputs[0].token_ids == want
     assert "short" not in final and {"long", "late"} <= set(final)
     assert engine.kv.pool.is_whole()
@@ -71,12 +78,15 @@ def test_pool_whole_after_aborts_at_every_stage(random_llm):
     prompts = make_prompts(random_llm.tokenizer, [10, 300, 40, 25, 500, 12], seed=6)
     ids = [f"r{i}" for i in range(len(prompts))]
     params = SamplingParams(temperature=0.7, max_tokens=30, n=2, seed=0)
-    final = _drive(engine, {
-        0: [lambda: [engine.add_request(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]],
-        1: [lambda: engine.abort_request("r1")],  # mid-prefill
-        4: [lambda: engine.abort_request("r0")],  # decoding, forked
-        5: [lambda: engine.abort_request("r4")],
-    })
+    final = _drive(
+        engine,
+        {
+            0: [lambda: [engine.add_request(p, params, rid) for p, rid in zip(prompts, ids, strict=True)]],
+            1: [lambda: engine.abort_request("r1")],  # mid-prefill
+            4: [lambda: engine.abort_request("r0")],  # decoding, forked
+            5: [lambda: engine.abort_request("r4")],
+        },
+    )
     assert set(final) == {"r2", "r3", "r5"}
     assert engine.kv.pool.is_whole() and not engine.scheduler.has_work()
 
@@ -86,7 +96,7 @@ def test_default_model_invariant_to_chunking_and_preemption(default_model_dir, d
     prompts = make_prompts(default_llm.tokenizer, [30, 120, 300], seed=7)
     params = SamplingParams(temperature=0, max_tokens=32)
     want = [_alone(default_llm, p, params) for p in prompts]
-    llm = LLM(model=str(default_model_dir), max_num_batched_tokens=37, block_size=8, num_blocks=70)
+    llm = LLM(model=str(default_model_dir), max_num_batched_tokens=37, block_size=8, num_blocks=45)
     got = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == want

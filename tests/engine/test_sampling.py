@@ -14,16 +14,22 @@ from tests.helpers import make_prompts
 
 def _fake_seq(params: SamplingParams, token_ids=(1, 2, 3), prompt_len=1, generator=None):
     return SimpleNamespace(
-        params=params, token_ids=list(token_ids), output_token_ids=list(token_ids[prompt_len:]),
-        num_output_tokens=len(token_ids) - prompt_len, generator=generator,
+        params=params,
+        token_ids=list(token_ids),
+        output_token_ids=list(token_ids[prompt_len:]),
+        num_output_tokens=len(token_ids) - prompt_len,
+        generator=generator,
         request=SimpleNamespace(eos_token_ids=[0]),
     )
 
 
 def test_penalties_follow_their_definitions():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
-    seq = _fake_seq(SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.25),
-                    token_ids=[4, 3, 3, 1], prompt_len=1)
+    seq = _fake_seq(
+        SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.25),
+        token_ids=[4, 3, 3, 1],
+        prompt_len=1,
+    )
     # output tokens 3, 3, 1: token 3 loses 2*0.5 + 0.25, token 1 loses 0.5 + 0.25 -> argmax becomes 0
     assert sample(logits.clone(), [seq]).token_ids == [0]
     rep = _fake_seq(SamplingParams(temperature=0, repetition_penalty=2.0), token_ids=[3, 0], prompt_len=1)
@@ -78,8 +84,9 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(default_llm):
     others = SamplingParams(temperature=1.0, max_tokens=25)
     batch = default_llm.generate(prompts, [seeded, others, others])
     assert batch[0].outputs[0].token_ids == alone
-    other_seed = default_llm.generate(prompts[0], SamplingParams(temperature=1.0, top_p=0.95, max_tokens=20,
-                                                                  seed=99))
+    other_seed = default_llm.generate(
+        prompts[0], SamplingParams(temperature=1.0, top_p=0.95, max_tokens=20, seed=99)
+    )
     assert other_seed[0].outputs[0].token_ids != alone
 
 
@@ -117,14 +124,15 @@ def test_stop_string_spanning_tokens_is_cut_and_excluded(default_llm, reference_
     # A stop string that starts inside one token and ends inside a later one.
     tokens = [default_llm.tokenizer.decode([t]) for t in ref.token_ids]
     start = len(tokens[0]) + len(tokens[1]) + len(tokens[2]) - 1
-    stop = ref.text[start:start + 4]
+    stop = ref.text[start : start + 4]
     assert len(stop) == 4
     out = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop, "zzzz"]))[0]
     c = out.outputs[0]
     assert c.text == ref.text[: ref.text.index(stop)]
     assert c.finish_reason == "stop" and c.stop_reason == stop
-    kept = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop],
-                                                       include_stop_str_in_output=True))[0].outputs[0]
+    kept = default_llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop], include_stop_str_in_output=True)
+    )[0].outputs[0]
     assert kept.text == ref.text[: ref.text.index(stop) + len(stop)]
 
 
@@ -154,14 +162,25 @@ def test_logprobs_with_top_alternatives(default_llm, reference_reply):
         ranked = sorted(entry.values(), key=lambda lp: lp.rank)
         assert [lp.rank for lp in ranked] == [1, 2, 3, 4, 5]
         assert all(a.logprob >= b.logprob for a, b in zip(ranked, ranked[1:], strict=False))
-    assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs,
-                                                                                    strict=True)), abs=1e-4)
+    assert c.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs, strict=True)), abs=1e-4
+    )
 
 
-@pytest.mark.parametrize("bad", [
-    dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(n=0), dict(max_tokens=0), dict(logprobs=21),
-    dict(stop=[""]), dict(logit_bias={1: 200.0}), dict(presence_penalty=3),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_k=-2),
+        dict(n=0),
+        dict(max_tokens=0),
+        dict(logprobs=21),
+        dict(stop=[""]),
+        dict(logit_bias={1: 200.0}),
+        dict(presence_penalty=3),
+    ],
+)
 def test_bad_params_name_the_field(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SamplingParams(**bad)
