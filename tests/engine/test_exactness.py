@@ -11,8 +11,10 @@ import torch
 from ember import LLM, SamplingParams
 from tests.helpers import ember_last_logits, hf_greedy, hf_last_logits, make_prompts
 
-# From a couple of tokens to well over 1,000, through the chat template.
-LENGTHS = [2, 7, 15, 33, 64, 130, 257, 400, 700, 1400]
+# Chat prompts from ~30 tokens (the template's system prompt) to well over 1,000, plus raw text prompts
+# of a few tokens.
+LENGTHS = [2, 15, 64, 130, 257, 400, 700, 1400]
+RAW = ["Hello", "The capital of France is"]
 NEW_TOKENS = 24
 
 
@@ -29,6 +31,11 @@ def hf_from_gguf():
     return AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
     ).eval()
+
+
+def _default_prompts(llm: LLM) -> list[list[int]]:
+    raw = [llm.tokenizer.encode(t) for t in RAW]
+    return raw + make_prompts(llm.tokenizer, LENGTHS)
 
 
 def _check_greedy(llm: LLM, hf_model, prompts: list[list[int]]) -> None:
@@ -53,14 +60,14 @@ def _check_logits(llm: LLM, hf_model, prompts: list[list[int]], atol: float) -> 
 
 @pytest.mark.slow
 def test_default_model_greedy_matches_hf(default_llm, hf_from_gguf):
-    prompts = make_prompts(default_llm.tokenizer, LENGTHS)
-    assert len(prompts[-1]) > 1000 and len(prompts[0]) < 40
+    prompts = _default_prompts(default_llm)
+    assert len(prompts) >= 10 and len(prompts[0]) < 5 and len(prompts[-1]) > 1000
     _check_greedy(default_llm, hf_from_gguf, prompts)
 
 
 @pytest.mark.slow
 def test_default_model_logits_match_hf(default_llm, hf_from_gguf):
-    _check_logits(default_llm, hf_from_gguf, make_prompts(default_llm.tokenizer, LENGTHS), atol=1e-3)
+    _check_logits(default_llm, hf_from_gguf, _default_prompts(default_llm), atol=1e-3)
 
 
 @pytest.fixture(scope="module", params=["llama-gqa", "qwen2-bias"])
