@@ -66,7 +66,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # A vanishing temperature is greedy: dividing logits by it would overflow (as vLLM treats it).
+        return self.temperature < 1e-5
 
     @property
     def uses_penalties(self) -> bool:

@@ -52,6 +52,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.device)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.requests: dict[str, Request] = {}
+        # Draws for requests without a seed of their own: reproducible per engine seed.
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -70,7 +72,8 @@ class LLMEngine:
         else:
             text, ids = None, list(prompt)
         self._validate(ids, params)
-        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        # Without max_tokens a request may run to the context's end, or to what the pool can hold alone.
+        max_tokens = params.max_tokens or min(self.max_model_len, self._pool_tokens) - len(ids)
         request = Request(
             request_id, text, ids, params, len(ids) + max_tokens, eos_token_ids=self.eos_token_ids
         )
@@ -101,7 +104,7 @@ class LLMEngine:
                 param="max_tokens" if params.max_tokens else "prompt",
                 code="context_length_exceeded",
             )
-        capacity = self.kv.pool.num_blocks * self.kv.block_size
+        capacity = self._pool_tokens
         if want > capacity:
             raise InvalidRequest(
                 f"the request needs {want} tokens of KV cache; the pool holds {capacity} "
@@ -109,6 +112,10 @@ class LLMEngine:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+
+    @property
+    def _pool_tokens(self) -> int:
+        return self.kv.pool.num_blocks * self.kv.block_size
 
     def _new_sequence(self, request: Request, index: int) -> Sequence:
         p = request.params
@@ -174,7 +181,7 @@ class LLMEngine:
             seqs += group
         if not seqs:
             return []
-        result = sample(logits[torch.tensor(rows, device=logits.device)], seqs)
+        result = sample(logits[torch.tensor(rows, device=logits.device)], seqs, self.generator)
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
             entry = result.logprobs[i]

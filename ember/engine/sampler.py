@@ -26,8 +26,10 @@ class SampleResult:
     chosen_logprobs: list[float | None]
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-    """logits [N, vocab] fp32, one row per sequence in `seqs`."""
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+) -> SampleResult:
+    """logits [N, vocab] fp32, one row per sequence in `seqs`; `generator` serves rows without a seed."""
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     # The model's raw distribution, only where someone asked for logprobs (a full-vocab pass per row).
     raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
@@ -42,7 +44,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
             [p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device
         )
         probs = _filtered_probs(logits / temps[:, None], params)
-        sampled = (probs / _exponential_noise(probs, seqs)).argmax(dim=-1)
+        sampled = (probs / _exponential_noise(probs, seqs, generator)).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 
     token_ids = chosen.tolist()
@@ -105,8 +107,8 @@ def _filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
     return probs
 
 
-def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    noise = torch.empty_like(probs).exponential_()
+def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence], generator) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_(generator=generator)
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
             noise[i] = torch.empty_like(noise[i]).exponential_(generator=seq.generator)

@@ -6,16 +6,19 @@ This is the first cut (chat and text completions, streaming, models, health); th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
-from ember.engine.async_engine import AsyncEngine
+from ember.engine.async_engine import AsyncEngine, EngineDeadError
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
 from ember.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -52,6 +55,16 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(jinja2.TemplateError)
+    async def _template(_: Request, exc: jinja2.TemplateError) -> JSONResponse:
+        return _error(400, f"the model's chat template refused these messages: {exc}", param="messages")
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        response = _error(503, str(exc), kind="server_error")
+        response.headers["Retry-After"] = "5"
+        return response
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if engine.is_running:
@@ -74,25 +87,28 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         return None
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest):
+    async def chat(body: ChatCompletionRequest, request: Request):
         if (err := _check_model(body.model)) is not None:
             return err
+        body.check_supported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = engine.tokenizer.apply_chat_template(messages)
+        # Templates are rendered off the event loop: a long history takes a while.
+        prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
         params = body.sampling_params(None)
-        return await _respond(engine, body, prompt_ids, params, chat=True)
+        return await _respond(engine, request, body, prompt_ids, params, chat=True)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         if (err := _check_model(body.model)) is not None:
             return err
+        body.check_supported()
         params = body.sampling_params(16)
-        return await _respond(engine, body, body.prompt, params, chat=False)
+        return await _respond(engine, request, body, body.prompt, params, chat=False)
 
     return app
 
 
-async def _respond(engine: AsyncEngine, body, prompt, params, chat: bool):
+async def _respond(engine: AsyncEngine, http: Request, body, prompt, params, chat: bool):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     stream = engine.generate(prompt, params, request_id=rid)
@@ -101,15 +117,30 @@ async def _respond(engine: AsyncEngine, body, prompt, params, chat: bool):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _sse(first, stream, rid, created, body.model, chat, include_usage), media_type="text/event-stream"
+            _sse(first, stream, rid, created, body.model, chat, include_usage),
+            media_type="text/event-stream",
+            # Runs once the response is over, however it ended: a client that left aborts its request.
+            background=BackgroundTask(engine.abort, rid),
         )
+    collect = asyncio.ensure_future(_last(first, stream))
+    while not collect.done():
+        # The server does not cancel a handler whose client hung up: watch for it, and abort.
+        await asyncio.wait({collect}, timeout=0.5)
+        if not collect.done() and await http.is_disconnected():
+            collect.cancel()
+            engine.abort(rid)
+            return JSONResponse({}, status_code=499)
+    return _full_response(collect.result(), rid, created, body.model, chat)
+
+
+async def _last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     last = first
     try:
         async for out in stream:
             last = out
     finally:
-        await stream.aclose()  # a client that went away aborts its request
-    return _full_response(last, rid, created, body.model, chat)
+        await stream.aclose()
+    return last
 
 
 def _usage(out: RequestOutput) -> dict:
@@ -167,11 +198,14 @@ async def _sse(
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     started: set[int] = set()
+    done: set[int] = set()  # samples whose last chunk went out
 
     def chunks(out: RequestOutput):
         for c in out.outputs:
-            if not c.delta_text and not c.finish_reason and c.index in started:
+            if c.index in done or (not c.delta_text and not c.finish_reason and c.index in started):
                 continue
+            if c.finish_reason:
+                done.add(c.index)
             if chat:
                 delta = {"content": c.delta_text}
                 if c.index not in started:

@@ -8,6 +8,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.sampling_params import SamplingParams
 
+_NOT_YET = (
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "echo",
+    "suffix",
+    "best_of",
+)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -34,6 +45,15 @@ class _Sampling(BaseModel):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+
+    def check_supported(self) -> None:
+        """Fields OpenAI defines that this server does not serve yet: refuse rather than ignore them."""
+        extra = self.model_extra or {}
+        for name in _NOT_YET:
+            value = extra.get(name, getattr(self, name, None))
+            harmless = (name == "best_of" and value == 1) or (name == "tool_choice" and value == "none")
+            if value not in (None, False, 0, [], {}) and not harmless:
+                raise ValueError(f"{name} is not supported by this server yet")
 
     def sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -81,4 +101,3 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int]
-    echo: bool = False

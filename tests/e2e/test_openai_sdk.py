@@ -18,7 +18,7 @@ MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="module")
-def base_url(default_model_dir):
+def server(default_model_dir):
     engine = AsyncEngine(
         EngineConfig(model=str(default_model_dir), cache=CacheConfig(kv_cache_memory="256MiB"))
     )
@@ -37,15 +37,15 @@ def base_url(default_model_dir):
                 break
         except httpx.HTTPError:
             time.sleep(0.05)
-    yield url
+    yield url, engine
     server.should_exit = True
     thread.join(timeout=10)
     engine.shutdown()
 
 
 @pytest.fixture(scope="module")
-def client(base_url):
-    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
 
 
 def test_chat_completion(client):
@@ -94,3 +94,51 @@ def test_bad_input_is_a_400_naming_the_field(client):
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert r.choices  # still serving
+
+
+def test_streaming_n_samples_each_finish_once(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Say something."}],
+            n=3,
+            temperature=1.0,
+            max_tokens=12,
+            seed=3,
+            stream=True,
+        )
+    )
+    finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+
+
+def test_unsupported_fields_are_refused_not_ignored(client):
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}
+        )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_hangs_up_frees_its_request(server, stream):
+    url, engine = server
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    if stream:  # read a few chunks, then hang up
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=10.0) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 4:
+                    break
+    else:  # give up waiting for the whole answer
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=1.0)
+    for _ in range(100):
+        if not engine.engine.has_unfinished_requests():
+            break
+        time.sleep(0.05)
+    assert not engine.engine.has_unfinished_requests()

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from ember import AsyncEngine, CacheConfig, EngineConfig, SamplingParams
+from ember.engine.async_engine import EngineDeadError
 from ember.errors import InvalidRequest
 
 
@@ -70,3 +71,49 @@ def test_bad_request_raises_to_the_caller_and_engine_keeps_serving(async_engine)
     last = asyncio.run(run())
     assert last.finished and len(last.outputs[0].token_ids) == 3
     assert async_engine.is_running
+
+
+def test_external_abort_ends_the_stream(async_engine):
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+        outs = []
+        async for out in async_engine.generate("a long story", params, request_id="stopped"):
+            outs.append(out)
+            if len(outs) == 2:
+                async_engine.abort("stopped")
+        return outs[-1]
+
+    last = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert last.finished and last.outputs[0].finish_reason == "abort"
+    assert async_engine.engine.kv.pool.is_whole()
+
+
+def test_duplicate_request_id_is_refused_without_harming_the_first(async_engine):
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+        first = async_engine.generate("hello", params, request_id="dup")
+        await anext(first)
+        with pytest.raises(InvalidRequest, match="already in use"):
+            async for _ in async_engine.generate("hello", params, request_id="dup"):
+                pass
+        outs = [out async for out in first]
+        return outs[-1]
+
+    last = asyncio.run(asyncio.wait_for(run(), timeout=60))
+    assert last.finished and len(last.outputs[0].token_ids) == 30
+
+
+def test_shutdown_ends_open_streams(random_model_dirs):
+    engine = AsyncEngine(
+        EngineConfig(model=str(random_model_dirs["llama-gqa"]), cache=CacheConfig(num_blocks=64))
+    )
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.generate("hello", params):
+                await asyncio.to_thread(engine.shutdown)
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
+    with pytest.raises(EngineDeadError):
+        asyncio.run(anext(engine.generate("hello")))

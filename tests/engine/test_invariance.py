@@ -101,3 +101,32 @@ def test_default_model_invariant_to_chunking_and_preemption(default_model_dir, d
     assert llm.engine.scheduler.num_preemptions > 0
     assert got == want
     assert llm.engine.kv.pool.is_whole()
+
+
+def test_no_max_tokens_runs_to_what_the_pool_holds(random_model_dirs):
+    # A 32-token pool and a model context of 2048: the request must end at the pool's size, not hang.
+    llm = LLM(model=str(random_model_dirs["llama-gqa"]), block_size=4, num_blocks=8)
+    out = llm.generate([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "length" and len(out.outputs[0].token_ids) == 32 - 5
+    assert llm.engine.kv.pool.is_whole()
+
+
+def test_a_refused_prompt_leaves_nothing_of_its_batch_behind(random_llm):
+    with pytest.raises(ValueError, match="empty"):
+        random_llm.generate([[1, 2, 3], []], GREEDY)
+    assert not random_llm.engine.has_unfinished_requests() and random_llm.engine.kv.pool.is_whole()
+
+
+def test_engine_seed_makes_unseeded_sampling_reproducible(random_model_dirs):
+    params = SamplingParams(temperature=1.0, max_tokens=12)
+    runs = [
+        LLM(model=str(random_model_dirs["llama-gqa"]), num_blocks=32, seed=5).generate([1, 2, 3], params)
+        for _ in range(2)
+    ]
+    assert runs[0][0].outputs[0].token_ids == runs[1][0].outputs[0].token_ids
+    tiny = SamplingParams(temperature=1e-30, max_tokens=12, ignore_eos=True)
+    assert _alone(LLM(model=str(random_model_dirs["llama-gqa"]), num_blocks=32), [1, 2, 3], tiny) == _alone(
+        LLM(model=str(random_model_dirs["llama-gqa"]), num_blocks=32),
+        [1, 2, 3],
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+    )
