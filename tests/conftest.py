@@ -29,7 +29,14 @@ def build_random_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0
     Weights are drawn wider than HF's default init so that logits are well separated and greedy choices
     are not decided by float rounding.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(
         vocab_size=49152,
@@ -62,6 +69,10 @@ def build_random_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0
     elif kind == "qwen2-bias":
         cfg = Qwen2Config(**common, num_key_value_heads=1, tie_word_embeddings=True, rope_theta=1000000.0)
         model_cls = Qwen2ForCausalLM
+    elif kind == "mistral-window":
+        # A sliding window far shorter than the prompts, so the window decides what attention sees.
+        cfg = MistralConfig(**common, num_key_value_heads=1, tie_word_embeddings=False, sliding_window=24)
+        model_cls = MistralForCausalLM
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
@@ -82,7 +93,8 @@ def build_random_model(root: Path, kind: str, tokenizer_dir: Path, seed: int = 0
 @pytest.fixture(scope="session")
 def random_model_dirs(tmp_path_factory, default_model_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("random-models")
-    return {k: build_random_model(root, k, default_model_dir) for k in ("llama-gqa", "qwen2-bias")}
+    kinds = ("llama-gqa", "qwen2-bias", "mistral-window")
+    return {k: build_random_model(root, k, default_model_dir) for k in kinds}
 
 
 @pytest.fixture(scope="session")

@@ -35,9 +35,9 @@ class LLMEngine:
         path = resolve_model(config.model)
         self.tokenizer = Tokenizer.from_dir(path)
         self.device = torch.device(config.device)
-        self.max_model_len = config.max_model_len or ModelConfig.from_dir(path).max_position_embeddings
-        self.model = load_model(path, config.torch_dtype, self.device, self.max_model_len)
-        self.model_config = self.model.config
+        self.model_config = ModelConfig.from_dir(path)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.model = load_model(path, self.model_config, config.torch_dtype, self.device, self.max_model_len)
         self.eos_token_ids = self.model_config.eos_token_ids or [self.tokenizer.eos_token_id]
         cache = config.cache
         per_block = ModelRunner.bytes_per_block(self.model_config, cache.block_size, config.torch_dtype)

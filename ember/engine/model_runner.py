@@ -54,6 +54,7 @@ class ModelRunner:
         Returns logits [len(sample_rows), vocab] in fp32.
         """
         bs = self.block_size
+        window = self.model.config.sliding_window
         ids: list[int] = []
         positions: list[int] = []
         num_decodes = 0
@@ -68,7 +69,8 @@ class ModelRunner:
                 decode_tables.append(table)
                 decode_lens.append(ctx)
             else:
-                prefills.append(PrefillChunk(len(ids), n, ctx, torch.tensor(table, device=self.device)))
+                table_t = torch.tensor(table, device=self.device)
+                prefills.append(PrefillChunk(len(ids), n, ctx, table_t, window))
             ids.extend(tokens[start:ctx])
             positions.extend(range(start, ctx))
             last_token_of.append(len(ids) - 1)
@@ -83,6 +85,8 @@ class ModelRunner:
             ).view(num_decodes, width),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=self.device),
             prefills=prefills,
+            block_size=bs,
+            sliding_window=window,
         )
         hidden = self.model(torch.tensor(ids, device=self.device), pos, self.kv_caches, meta)
         rows = torch.tensor([last_token_of[i] for i in sample_rows], dtype=torch.long, device=self.device)

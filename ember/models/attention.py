@@ -9,6 +9,7 @@ blocks, so chunked prefill, recompute and cached prefixes all go through the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,19 @@ class PrefillChunk:
     query_len: int
     context_len: int  # tokens of context once this chunk is written (cached prefix + chunk)
     block_table: torch.Tensor  # [num_blocks_of_sequence] long
+    sliding_window: int | None = None
+
+    @cached_property
+    def allowed(self) -> torch.Tensor:
+        """[query_len, context_len] bool; built once per step, read by every layer."""
+        device = self.block_table.device
+        # Query i sits at absolute position context_len - query_len + i and sees keys at positions <= its own.
+        q_pos = torch.arange(self.context_len - self.query_len, self.context_len, device=device)
+        k_pos = torch.arange(self.context_len, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if self.sliding_window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+        return allowed
 
 
 @dataclass
@@ -29,6 +43,20 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] long (padded with 0)
     decode_context_lens: torch.Tensor  # [num_decodes] long
     prefills: list[PrefillChunk]
+    block_size: int
+    sliding_window: int | None = None
+
+    @cached_property
+    def decode_masked(self) -> torch.Tensor:
+        """[num_decodes, max_blocks * block_size] bool, True where a key is padding or out of the window;
+        built once per step, read by every layer."""
+        width = self.decode_block_tables.shape[1] * self.block_size
+        key_pos = torch.arange(width, device=self.decode_context_lens.device)
+        lens = self.decode_context_lens[:, None]
+        masked = key_pos[None, :] >= lens
+        if self.sliding_window is not None:
+            masked |= key_pos[None, :] <= lens - 1 - self.sliding_window
+        return masked
 
 
 def write_kv(
@@ -50,16 +78,15 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context."""
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
+        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
-        out[rows] = _prefill(q[rows], k_cache, v_cache, chunk, scale, sliding_window)
+        out[rows] = _prefill(q[rows], k_cache, v_cache, chunk, scale)
     return out
 
 
@@ -69,41 +96,29 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return g.view(*g.shape[:-3], -1, g.shape[-1])
 
 
-def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     b, hq, d = q.shape
     hkv = k_cache.shape[0]
     k = _gather(k_cache, meta.decode_block_tables)  # [Hkv, B, L, D]
     v = _gather(v_cache, meta.decode_block_tables)
-    length = k.shape[2]
     # Grouped query heads share one KV head: [Hkv, B, G, D]
     qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, B, G, L]
-    key_pos = torch.arange(length, device=q.device)
-    lens = meta.decode_context_lens[:, None]
-    masked = key_pos[None, :] >= lens  # [B, L]
-    if window is not None:
-        masked |= key_pos[None, :] <= lens - 1 - window
-    scores.masked_fill_(masked[None, :, None, :], float("-inf"))
+    scores.masked_fill_(meta.decode_masked[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)  # [Hkv, B, G, D]
     return out.transpose(0, 1).reshape(b, hq, d)
 
 
-def _prefill(q, k_cache, v_cache, chunk: PrefillChunk, scale: float, window: int | None):
+def _prefill(q, k_cache, v_cache, chunk: PrefillChunk, scale: float):
     n_blocks = -(-chunk.context_len // k_cache.shape[2])
     k = _gather(k_cache, chunk.block_table[:n_blocks])[:, : chunk.context_len]  # [Hkv, L, D]
     v = _gather(v_cache, chunk.block_table[:n_blocks])[:, : chunk.context_len]
-    # Query i sits at absolute position context_len - query_len + i and sees keys at positions <= its own.
-    q_pos = torch.arange(chunk.context_len - chunk.query_len, chunk.context_len, device=q.device)
-    k_pos = torch.arange(chunk.context_len, device=q.device)
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1),  # [Hq, Tq, D]
         k,
         v,
-        attn_mask=allowed,
+        attn_mask=chunk.allowed,
         scale=scale,
         enable_gqa=True,
     )

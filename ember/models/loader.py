@@ -12,9 +12,12 @@ from ember.models.weights import load_state_dict
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int | None = None
+    path: str | Path,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int | None = None,
 ) -> LlamaForCausalLM:
-    config = ModelConfig.from_dir(path)
     # Construct without initialising (the checkpoint overwrites every parameter), then load.
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)

@@ -70,7 +70,7 @@ def test_default_model_logits_match_hf(default_llm, hf_from_gguf):
     _check_logits(default_llm, hf_from_gguf, _default_prompts(default_llm), atol=1e-3)
 
 
-@pytest.fixture(scope="module", params=["llama-gqa", "qwen2-bias"])
+@pytest.fixture(scope="module", params=["llama-gqa", "qwen2-bias", "mistral-window"])
 def random_pair(request, random_model_dirs):
     from transformers import AutoModelForCausalLM
 
