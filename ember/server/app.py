@@ -1,29 +1,53 @@
-"""The OpenAI-compatible HTTP API: a thin adapter over AsyncEngine.
+"""The OpenAI-compatible HTTP API: a thin adapter over AsyncEngine (and the embedding model).
 
-This is the first cut (chat and text completions, streaming, models, health); the full surface
-(embeddings, logprobs, metrics, auth, admission control) is built on this module.
+Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
+field (never FastAPI's 422), 401 for a missing or wrong key, 404 for an unknown model or route, 429 when
+the queue is full and 503 while loading, draining or after the engine died (both with Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.engine.async_engine import AsyncEngine, EngineDeadError
+from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest
+from ember.server import openai_format as fmt
+from ember.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-SYSTEM_FINGERPRINT = "ember-0.1"
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ("/health", "/ready")  # reachable without an API key
+RETRY_AFTER_S = {429: "1", 503: "5"}
+
+
+@dataclass
+class ServerState:
+    """What the HTTP layer knows beyond the engine: keys, drain state, the embedding model."""
+
+    api_keys: list[str] = field(default_factory=list)
+    draining: bool = False
+    embedder: object | None = None  # ember.embeddings.EmbeddingModel
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _error(
@@ -33,19 +57,137 @@ def _error(
     code: str | None = None,
     kind: str = "invalid_request_error",
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    response = JSONResponse(error_body(message, kind, param, code), status_code=status)
+    if status in RETRY_AFTER_S:
+        response.headers["Retry-After"] = RETRY_AFTER_S[status]
+    return response
 
 
-def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
-    app = FastAPI(title="ember", version="0.1.0")
+def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None = None) -> FastAPI:
+    state = state or ServerState()
+    app = FastAPI(title="ember", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.ember = state
     created = int(time.time())
+    app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests)
+    _install_error_handlers(app)
 
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_running:
+            return JSONResponse({"status": "ok"})
+        return _error(503, f"the engine has stopped: {engine.error or 'shut down'}", kind="server_error")
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if state.draining:
+            return _error(503, "the server is draining", kind="server_error", code="draining")
+        if not engine.is_ready:
+            why = "the model is loading" if engine.is_running else f"the engine has stopped: {engine.error}"
+            return _error(503, why, kind="server_error", code="not_ready")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        names = [model_name] + ([state.embedder.name] if state.embedder is not None else [])
+        cards = [{"id": n, "object": "model", "created": created, "owned_by": "ember"} for n in names]
+        return {"object": "list", "data": cards}
+
+    def _admit(name: str) -> None:
+        if state.draining:
+            raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
+        if name == model_name:
+            return
+        if state.embedder is not None and name == state.embedder.name:
+            raise InvalidRequest(f"'{name}' is an embedding model; use /v1/embeddings", param="model")
+        raise _Refuse(404, f"model '{name}' does not exist; available: {model_name}", "model_not_found")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request):
+        _admit(body.model)
+        body.check_supported()
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        # Templates render off the event loop: a long history takes a while.
+        prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
+        top = body.requested_logprobs()
+        params = body.sampling_params(None, top)
+        return await _respond(engine, request, body, [prompt_ids], params, chat=True, top=top)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        _admit(body.model)
+        body.check_supported()
+        params = body.sampling_params(16, body.logprobs)
+        return await _respond(engine, request, body, body.prompts(), params, chat=False, top=body.logprobs)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        embedder = state.embedder
+        if state.draining:
+            raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
+        if embedder is None or body.model != embedder.name:
+            known = embedder.name if embedder is not None else "none (start with --embedding-model)"
+            raise _Refuse(
+                404, f"embedding model '{body.model}' does not exist; available: {known}", "model_not_found"
+            )
+        if body.dimensions is not None and body.dimensions != embedder.dim:
+            raise InvalidRequest(
+                f"dimensions must be {embedder.dim} for {embedder.name} (got {body.dimensions})",
+                param="dimensions",
+            )
+        items = body.inputs()
+        vectors, n_tokens = await asyncio.to_thread(_embed, embedder, items)
+        data = []
+        for i, v in enumerate(vectors):
+            if body.encoding_format == "base64":
+                value: object = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+            else:
+                value = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
+        return {"object": "list", "data": data, "model": embedder.name, "usage": usage}
+
+    return app
+
+
+def _embed(embedder, items: list[str | list[int]]):
+    texts = [i for i, x in enumerate(items) if isinstance(x, str)]
+    ids: list[list[int]] = list(items)  # type: ignore[arg-type]
+    for i, tokens in zip(texts, embedder.tokenize([items[i] for i in texts]), strict=True):
+        ids[i] = tokens
+    for i, tokens in enumerate(ids):
+        if len(tokens) > embedder.max_input_tokens:
+            raise InvalidRequest(
+                f"input[{i}] has {len(tokens)} tokens; {embedder.name} reads at most {embedder.max_input_tokens}",
+                param="input",
+                code="context_length_exceeded",
+            )
+    return embedder.embed(ids), sum(map(len, ids))
+
+
+class _Refuse(Exception):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error"
+    ):
+        super().__init__(message)
+        self.status, self.code, self.kind = status, code, kind
+
+
+def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        return _error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg')}", param=".".join(loc) or None)
+        where = ".".join(loc)
+        msg = first.get("msg", "invalid value")
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON", param=None, code="invalid_json")
+        if first.get("type") == "missing":
+            return _error(400, f"'{where}' is required", param=where or None)
+        return _error(400, f"'{where or 'body'}': {msg}", param=where or None)
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
@@ -55,82 +197,130 @@ def create_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def _value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc))
 
+    @app.exception_handler(_Refuse)
+    async def _refuse(_: Request, exc: _Refuse) -> JSONResponse:
+        return _error(
+            exc.status, str(exc), param="model" if exc.status == 404 else None, code=exc.code, kind=exc.kind
+        )
+
     @app.exception_handler(jinja2.TemplateError)
     async def _template(_: Request, exc: jinja2.TemplateError) -> JSONResponse:
         return _error(400, f"the model's chat template refused these messages: {exc}", param="messages")
 
+    @app.exception_handler(EngineOverloadedError)
+    async def _overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
+        return _error(429, str(exc), code="rate_limit_exceeded", kind="rate_limit_error")
+
+    @app.exception_handler(EngineNotReadyError)
+    async def _loading(_: Request, exc: EngineNotReadyError) -> JSONResponse:
+        return _error(503, str(exc), code="not_ready", kind="server_error")
+
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
-        response = _error(503, str(exc), kind="server_error")
-        response.headers["Retry-After"] = "5"
-        return response
+        return _error(503, str(exc), code="engine_dead", kind="server_error")
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if engine.is_running:
-            return JSONResponse({"status": "ok"})
-        return _error(503, "the engine has stopped", kind="server_error")
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
 
-    @app.get("/v1/models")
-    async def models() -> dict:
-        card = {"id": model_name, "object": "model", "created": created, "owned_by": "ember"}
-        return {"object": "list", "data": [card]}
-
-    def _check_model(name: str) -> JSONResponse | None:
-        if name != model_name:
-            return _error(
-                404,
-                f"model '{name}' does not exist; available: {model_name}",
-                param="model",
-                code="model_not_found",
-            )
-        return None
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request):
-        if (err := _check_model(body.model)) is not None:
-            return err
-        body.check_supported()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        # Templates are rendered off the event loop: a long history takes a while.
-        prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
-        params = body.sampling_params(None)
-        return await _respond(engine, request, body, prompt_ids, params, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        if (err := _check_model(body.model)) is not None:
-            return err
-        body.check_supported()
-        params = body.sampling_params(16)
-        return await _respond(engine, request, body, body.prompt, params, chat=False)
-
-    return app
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
-async def _respond(engine: AsyncEngine, http: Request, body, prompt, params, chat: bool):
+class _Gate:
+    """ASGI middleware (pure, so streaming and disconnects pass through untouched): API-key check on
+    every route but the public ones, and a count of responses by route and status."""
+
+    def __init__(self, app, state: ServerState, counter: Counter):
+        self.app = app
+        self.state = state
+        self.counter = counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.state.api_keys and scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
+                response = _error(
+                    401,
+                    "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send_counted)
+                return
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = scope.get("route")
+            self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            return False
+        return any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.state.api_keys)
+
+
+# -- generation ------------------------------------------------------------------------------------------
+
+
+async def _respond(
+    engine: AsyncEngine, http: Request, body, prompts: list, params, chat: bool, top: int | None
+):
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    stream = engine.generate(prompt, params, request_id=rid)
-    # Pull the first output before answering, so a refused request gets a plain 400, not a broken stream.
-    first = await anext(stream)
+    ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
+    streams = [engine.generate(p, params, request_id=i) for p, i in zip(prompts, ids, strict=True)]
+    firsts: list[RequestOutput] = []
+    try:
+        # The first output of each prompt before answering: a refused request gets a plain 4xx, not a broken stream.
+        for s in streams:
+            firsts.append(await anext(s))
+    except BaseException:
+        for s in streams:
+            await s.aclose()
+        raise
+    logprobs = fmt.LogprobFormatter(engine.tokenizer, top) if top is not None else None
+    obj = "chat.completion" if chat else "text_completion"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        base = fmt.envelope(rid, created, body.model, obj + ".chunk" if chat else obj)
+        maker = fmt.ChunkMaker(base, chat, params.n, logprobs, include_usage)
         return StreamingResponse(
-            _sse(first, stream, rid, created, body.model, chat, include_usage),
+            _sse(firsts, streams, maker),
             media_type="text/event-stream",
-            # Runs once the response is over, however it ended: a client that left aborts its request.
-            background=BackgroundTask(engine.abort, rid),
+            # Runs once the response is over, however it ended: a client that left aborts its requests.
+            background=BackgroundTask(_abort_all, engine, ids),
         )
-    collect = asyncio.ensure_future(_last(first, stream))
+    collect = asyncio.ensure_future(
+        asyncio.gather(*(_last(f, s) for f, s in zip(firsts, streams, strict=True)))
+    )
     while not collect.done():
         # The server does not cancel a handler whose client hung up: watch for it, and abort.
         await asyncio.wait({collect}, timeout=0.5)
         if not collect.done() and await http.is_disconnected():
             collect.cancel()
-            engine.abort(rid)
+            await asyncio.gather(collect, return_exceptions=True)
+            _abort_all(engine, ids)
             return JSONResponse({}, status_code=499)
-    return _full_response(collect.result(), rid, created, body.model, chat)
+    outs: list[RequestOutput] = collect.result()
+    choice = fmt.chat_choice if chat else fmt.completion_choice
+    choices = [choice(c, i * params.n + c.index, logprobs) for i, o in enumerate(outs) for c in o.outputs]
+    return {**fmt.envelope(rid, created, body.model, obj), "choices": choices, "usage": fmt.usage(outs)}
+
+
+def _abort_all(engine: AsyncEngine, ids: list[str]) -> None:
+    for i in ids:
+        engine.abort(i)
 
 
 async def _last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -143,107 +333,41 @@ async def _last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> R
     return last
 
 
-def _usage(out: RequestOutput) -> dict:
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    prompt = len(out.prompt_token_ids)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": out.num_cached_tokens},
-    }
-
-
-def _full_response(out: RequestOutput, rid: str, created: int, model: str, chat: bool) -> dict:
-    choices = []
-    for c in out.outputs:
-        if chat:
-            choices.append(
-                {
-                    "index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-            )
-        else:
-            choices.append(
-                {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-            )
-    return {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-        "usage": _usage(out),
-    }
-
-
-async def _sse(
-    first: RequestOutput,
-    rest: AsyncIterator[RequestOutput],
-    rid: str,
-    created: int,
-    model: str,
-    chat: bool,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    base = {
-        "id": rid,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-    }
-    started: set[int] = set()
-    done: set[int] = set()  # samples whose last chunk went out
-
-    def chunks(out: RequestOutput):
-        for c in out.outputs:
-            if c.index in done or (not c.delta_text and not c.finish_reason and c.index in started):
-                continue
-            if c.finish_reason:
-                done.add(c.index)
-            if chat:
-                delta = {"content": c.delta_text}
-                if c.index not in started:
-                    delta = {"role": "assistant", **delta}
-                choice = {
-                    "index": c.index,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-            else:
-                choice = {
-                    "index": c.index,
-                    "text": c.delta_text,
-                    "logprobs": None,
-                    "finish_reason": c.finish_reason,
-                }
-            started.add(c.index)
-            yield "data: " + json.dumps({**base, "choices": [choice]}) + "\n\n"
-
-    last = first
+async def _merge(firsts: list[RequestOutput], streams: list[AsyncIterator[RequestOutput]]):
+    """(prompt index, output) from several streams as they come."""
+    for i, f in enumerate(firsts):
+        yield i, f
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams) if not firsts[i].finished}
     try:
-        for line in chunks(first):
-            yield line
-        async for out in rest:
-            last = out
-            for line in chunks(out):
-                yield line
-        if include_usage:
-            yield "data: " + json.dumps({**base, "choices": [], "usage": _usage(last)}) + "\n\n"
-    except Exception as exc:  # the stream has begun: report in-band, then close
-        yield (
-            "data: "
-            + json.dumps(
-                {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}
-            )
-            + "\n\n"
-        )
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                try:
+                    out = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(anext(streams[i]))] = i
     finally:
-        await rest.aclose()
+        for task in pending:
+            task.cancel()
+        for s in streams:
+            await s.aclose()
+
+
+async def _sse(firsts: list[RequestOutput], streams: list, maker: fmt.ChunkMaker) -> AsyncIterator[str]:
+    last = list(firsts)
+    try:
+        async for i, out in _merge(firsts, streams):
+            last[i] = out
+            for chunk in maker.chunks(i, out):
+                yield "data: " + json.dumps(chunk) + "\n\n"
+        if maker.include_usage:
+            yield "data: " + json.dumps(maker.usage_chunk(last)) + "\n\n"
+    except Exception as exc:  # the stream has begun: report in-band, then close
+        log.warning("stream failed after it began: %s", exc)
+        yield "data: " + json.dumps(error_body(str(exc), "server_error")) + "\n\n"
+        return
     yield "data: [DONE]\n\n"

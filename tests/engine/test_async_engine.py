@@ -1,4 +1,4 @@
-"""AsyncEngine: streams deltas from the engine thread, aborts when the caller leaves early."""
+"""AsyncEngine: the core on a thread or in a process, text made by the frontend, aborts when callers leave."""
 
 from __future__ import annotations
 
@@ -7,18 +7,28 @@ import asyncio
 import pytest
 
 from ember import AsyncEngine, CacheConfig, EngineConfig, SamplingParams
-from ember.engine.async_engine import EngineDeadError
+from ember.engine.async_engine import EngineDeadError, EngineOverloadedError
 from ember.errors import InvalidRequest
 
 
-@pytest.fixture(scope="module")
-def async_engine(random_model_dirs):
-    # Its own engine: the engine thread must be the only one stepping it.
+@pytest.fixture(scope="module", params=["thread", "process"])
+def async_engine(request, random_model_dirs):
     engine = AsyncEngine(
-        EngineConfig(model=str(random_model_dirs["llama-gqa"]), cache=CacheConfig(num_blocks=256))
+        EngineConfig(model=str(random_model_dirs["llama-gqa"]), cache=CacheConfig(num_blocks=256)),
+        mode=request.param,
     )
     yield engine
     engine.shutdown()
+
+
+async def _until_idle(engine: AsyncEngine) -> None:
+    """Wait for the core to report nothing running or waiting and every KV block free."""
+    for _ in range(500):
+        s = engine.stats
+        if s is not None and s.num_running == s.num_waiting == 0 and s.kv_cache_usage == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the engine did not go idle: {engine.stats}")
 
 
 def test_streams_deltas_that_add_up_to_the_offline_result(async_engine, random_llm):
@@ -50,14 +60,9 @@ def test_leaving_early_aborts_and_frees_blocks(async_engine):
             n += 1
             if n == 3:
                 break
-        for _ in range(100):  # the abort is applied on the engine thread
-            if not async_engine.engine.has_unfinished_requests():
-                break
-            await asyncio.sleep(0.02)
+        await _until_idle(async_engine)
 
     asyncio.run(run())
-    assert not async_engine.engine.has_unfinished_requests()
-    assert async_engine.engine.kv.pool.is_whole()
 
 
 def test_bad_request_raises_to_the_caller_and_engine_keeps_serving(async_engine):
@@ -81,11 +86,11 @@ def test_external_abort_ends_the_stream(async_engine):
             outs.append(out)
             if len(outs) == 2:
                 async_engine.abort("stopped")
+        await _until_idle(async_engine)
         return outs[-1]
 
     last = asyncio.run(asyncio.wait_for(run(), timeout=60))
     assert last.finished and last.outputs[0].finish_reason == "abort"
-    assert async_engine.engine.kv.pool.is_whole()
 
 
 def test_duplicate_request_id_is_refused_without_harming_the_first(async_engine):
@@ -117,3 +122,58 @@ def test_shutdown_ends_open_streams(random_model_dirs):
     asyncio.run(asyncio.wait_for(run(), timeout=60))
     with pytest.raises(EngineDeadError):
         asyncio.run(anext(engine.generate("hello")))
+
+
+def test_stop_strings_and_n_match_the_offline_engine(async_engine, random_llm):
+    """Stop strings are matched by the frontend here and by LLMEngine offline: the same text either way."""
+    prompt = "Once upon a time"
+    probe = random_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    stop = probe.outputs[0].text[-6:-3]  # something the greedy text is known to contain
+    cases = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
+        SamplingParams(temperature=0.8, seed=7, n=3, max_tokens=12, ignore_eos=True, stop=[stop]),
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3),
+    ]
+
+    async def run(params):
+        return [o async for o in async_engine.generate(prompt, params)][-1]
+
+    for params in cases:
+        want = random_llm.generate(prompt, params)[0]
+        got = asyncio.run(run(params))
+        for w, g in zip(want.outputs, got.outputs, strict=True):
+            assert (g.text, g.finish_reason, g.stop_reason) == (w.text, w.finish_reason, w.stop_reason)
+            assert g.token_ids == w.token_ids
+            if params.logprobs:
+                assert [sorted(e) for e in g.logprobs] == [sorted(e) for e in w.logprobs]
+    assert stop in probe.outputs[0].text
+    asyncio.run(_until_idle(async_engine))
+
+
+def test_queue_bound_refuses_past_capacity(random_model_dirs):
+    engine = AsyncEngine(
+        EngineConfig(model=str(random_model_dirs["llama-gqa"]), cache=CacheConfig(num_blocks=64)),
+        max_queue=1,
+    )
+    engine.max_pending = 2  # two sequences in flight at most
+
+    async def run():
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        first = engine.generate("one", params)
+        await anext(first)
+        with pytest.raises(EngineOverloadedError):
+            await anext(engine.generate("two", SamplingParams(n=2)))
+        second = engine.generate("two", params)
+        await anext(second)
+        with pytest.raises(EngineOverloadedError):
+            await anext(engine.generate("three", params))
+        await first.aclose()
+        await second.aclose()
+        await _until_idle(engine)
+        out = [o async for o in engine.generate("four", SamplingParams(max_tokens=2, ignore_eos=True))]
+        return out[-1]
+
+    try:
+        assert asyncio.run(asyncio.wait_for(run(), timeout=60)).finished
+    finally:
+        engine.shutdown()

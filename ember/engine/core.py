@@ -1,0 +1,210 @@
+"""The engine core: the step loop alone, fed commands, answering with token ids.
+
+It runs on a thread or in a process of its own (AsyncEngine picks) and never touches text: the frontend
+tokenizes prompts, detokenizes outputs and matches stop strings, so HTTP and text work cannot hold up a
+step. Messages both ways are small picklable dataclasses, so the same loop serves both transports.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+from dataclasses import dataclass
+
+from ember.config import EngineConfig
+from ember.engine.llm_engine import LLMEngine
+from ember.errors import InvalidRequest
+from ember.outputs import Logprob, RequestOutput
+from ember.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# -- frontend -> core -------------------------------------------------------------------------------
+
+
+@dataclass
+class AddRequest:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Abort:
+    request_id: str
+
+
+@dataclass
+class FinishSample:
+    """The frontend matched a stop string in sample `index`: stop generating it."""
+
+    request_id: str
+    index: int
+    stop_reason: str
+
+
+@dataclass
+class Shutdown:
+    pass
+
+
+# -- core -> frontend -------------------------------------------------------------------------------
+
+
+@dataclass
+class Ready:
+    max_model_len: int
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclass
+class Added:
+    request_id: str
+    error: tuple[str, str | None, str | None] | None  # (message, param, code) of an InvalidRequest
+
+
+@dataclass
+class SampleUpdate:
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None
+    stop_reason: str | int | None
+
+
+@dataclass
+class RequestUpdate:
+    request_id: str
+    samples: list[SampleUpdate]
+    num_cached_tokens: int
+    queue_time: float | None
+    # Ended by an abort: every sample not finished yet ends with "abort" (an n > 1 request aborted
+    # before it forked has fewer samples in the core than it asked for).
+    aborted: bool = False
+
+
+@dataclass
+class CoreStats:
+    num_running: int  # requests with a sample running
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+    num_preemptions: int
+
+
+@dataclass
+class Step:
+    updates: list[RequestUpdate]
+    stats: CoreStats
+
+
+@dataclass
+class Dead:
+    message: str
+
+
+# Seconds an idle core waits for a command before checking that its parent is still there.
+_IDLE_POLL_S = 1.0
+
+
+def run_core(config: EngineConfig, inbox, outbox) -> None:
+    """Entry point of the core's thread or process: load the model, then serve commands until Shutdown."""
+    try:
+        engine = LLMEngine(config, detokenize=False)
+    except BaseException as exc:
+        outbox.put(Dead(f"the engine failed to start: {exc}"))
+        return
+    outbox.put(
+        Ready(
+            engine.max_model_len,
+            engine.model_config.vocab_size,
+            engine.kv.pool.num_blocks,
+            engine.kv.block_size,
+        )
+    )
+    try:
+        EngineCore(engine, outbox).run(inbox)
+    except BaseException as exc:  # report, so every waiting caller hears why
+        log.exception("the engine core failed")
+        outbox.put(Dead(f"the engine failed: {exc!r}"))
+
+
+class EngineCore:
+    def __init__(self, engine: LLMEngine, outbox):
+        self.engine = engine
+        self.outbox = outbox
+        self._last_stats: CoreStats | None = None
+
+    def run(self, inbox) -> None:
+        while True:
+            for cmd in self._commands(inbox, block=not self.engine.has_unfinished_requests()):
+                if isinstance(cmd, Shutdown):
+                    self.outbox.put(Dead("the engine was shut down"))
+                    return
+                self._handle(cmd)
+            updates = (
+                [_update(out) for out in self.engine.step()] if self.engine.has_unfinished_requests() else []
+            )
+            stats = self.stats()
+            if updates or stats != self._last_stats:
+                self.outbox.put(Step(updates, stats))
+                self._last_stats = stats
+
+    def _commands(self, inbox, block: bool) -> list:
+        cmds = []
+        if block:
+            try:
+                cmds.append(inbox.get(timeout=_IDLE_POLL_S))
+            except queue.Empty:
+                parent = multiprocessing.parent_process()
+                if parent is not None and not parent.is_alive():
+                    return [Shutdown()]  # orphaned: nobody will read what we produce
+                return []
+        while True:
+            try:
+                cmds.append(inbox.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _handle(self, cmd) -> None:
+        engine = self.engine
+        if isinstance(cmd, AddRequest):
+            try:
+                engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
+                error = None
+            except InvalidRequest as exc:
+                error = (str(exc), exc.param, exc.code)
+            except ValueError as exc:
+                error = (str(exc), None, None)
+            self.outbox.put(Added(cmd.request_id, error))
+        elif isinstance(cmd, Abort):
+            out = engine.abort_request(cmd.request_id)
+            if out is not None:
+                update = _update(out)
+                update.aborted = True
+                self.outbox.put(Step([update], self.stats()))
+        elif isinstance(cmd, FinishSample):
+            engine.finish_sequence(cmd.request_id, cmd.index, cmd.stop_reason)
+
+    def stats(self) -> CoreStats:
+        sched = self.engine.scheduler
+        pool = self.engine.kv.pool
+        return CoreStats(
+            num_running=len({s.request.request_id for s in sched.running}),
+            num_waiting=len({s.request.request_id for s in sched.waiting}),
+            kv_cache_usage=1.0 - pool.num_free / pool.num_blocks,
+            num_preemptions=sched.num_preemptions,
+        )
+
+
+def _update(out: RequestOutput) -> RequestUpdate:
+    samples = []
+    for c in out.outputs:
+        if not c.delta_token_ids and not c.finish_reason:
+            continue
+        k = len(c.delta_token_ids)
+        new_logprobs = None if c.logprobs is None else (c.logprobs[-k:] if k else [])
+        samples.append(SampleUpdate(c.index, c.delta_token_ids, new_logprobs, c.finish_reason, c.stop_reason))
+    return RequestUpdate(out.request_id, samples, out.num_cached_tokens, out.queue_time)

@@ -1,0 +1,79 @@
+"""Prometheus metrics with the names and meanings vLLM users know, prefixed `ember:`.
+
+Each AsyncEngine owns a registry (tests run several servers in one process); the server exposes it at
+/metrics next to its HTTP counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+disable_created_metrics()  # the `_created` series are noise for these counters
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_LONG_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class EngineMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.num_requests_running = Gauge(
+            "ember:num_requests_running", "Requests with a sample in the running batch.", registry=r
+        )
+        self.num_requests_waiting = Gauge(
+            "ember:num_requests_waiting", "Requests waiting to be scheduled.", registry=r
+        )
+        self.kv_cache_usage_perc = Gauge(
+            "ember:kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full).", registry=r
+        )
+        self.num_preemptions = Counter(
+            "ember:num_preemptions",
+            "Sequences preempted (recomputed later) for lack of KV blocks.",
+            registry=r,
+        )
+        self.prompt_tokens = Counter("ember:prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter("ember:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter(
+            "ember:request_success", "Finished requests, by finish reason.", ["finished_reason"], registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "ember:time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "ember:inter_token_latency_seconds",
+            "Time between successive generated tokens of a request.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_request_latency = Histogram(
+            "ember:e2e_request_latency_seconds", "Arrival to finish.", buckets=_LONG_BUCKETS, registry=r
+        )
+        self.request_queue_time = Histogram(
+            "ember:request_queue_time_seconds",
+            "Arrival to first scheduled.",
+            buckets=_LONG_BUCKETS,
+            registry=r,
+        )
+        # Counted in tokens; the prefix cache (a later issue) feeds them.
+        self.prefix_cache_queries = Counter(
+            "ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
+        )
+        self.http_requests = Counter(
+            "ember:http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
+        )
+        self._preemptions_seen = 0
+
+    def set_stats(self, running: int, waiting: int, kv_usage: float, preemptions: int) -> None:
+        self.num_requests_running.set(running)
+        self.num_requests_waiting.set(waiting)
+        self.kv_cache_usage_perc.set(kv_usage)
+        if preemptions > self._preemptions_seen:
+            self.num_preemptions.inc(preemptions - self._preemptions_seen)
+            self._preemptions_seen = preemptions

@@ -1,0 +1,148 @@
+"""RequestOutput -> OpenAI response bodies: choices, streamed chunks, usage and logprobs."""
+
+from __future__ import annotations
+
+from ember.outputs import CompletionOutput, Logprob, RequestOutput
+from ember.tokenizer import Tokenizer
+
+SYSTEM_FINGERPRINT = "ember-0.1"
+
+
+def usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
+    }
+
+
+def envelope(rid: str, created: int, model: str, obj: str) -> dict:
+    return {
+        "id": rid,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+
+
+class LogprobFormatter:
+    """Token logprobs in OpenAI's two shapes: chat (`content` entries with bytes) and legacy completions."""
+
+    def __init__(self, tokenizer: Tokenizer, top: int):
+        self.tokenizer = tokenizer
+        self.top = top
+
+    def _tops(self, entry: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
+        ranked = sorted(((t, lp) for t, lp in entry.items() if lp.rank <= self.top), key=lambda x: x[1].rank)
+        return ranked[: self.top]
+
+    def _strings(self, ids: list[int]) -> tuple[list[str], list[list[int]]]:
+        raw = self.tokenizer.token_bytes(ids)
+        return [b.decode("utf-8", errors="replace") for b in raw], [list(b) for b in raw]
+
+    def chat(self, token_ids: list[int], entries: list[dict[int, Logprob]]) -> dict:
+        content = []
+        for tid, entry in zip(token_ids, entries, strict=True):
+            tops = self._tops(entry)
+            strs, raw = self._strings([tid] + [t for t, _ in tops])
+            content.append(
+                {
+                    "token": strs[0],
+                    "logprob": entry[tid].logprob,
+                    "bytes": raw[0],
+                    "top_logprobs": [
+                        {"token": s, "logprob": lp.logprob, "bytes": b}
+                        for (_, lp), s, b in zip(tops, strs[1:], raw[1:], strict=True)
+                    ],
+                }
+            )
+        return {"content": content, "refusal": None}
+
+    def completion(self, token_ids: list[int], entries: list[dict[int, Logprob]], offset: int) -> dict:
+        """`offset`: characters of completion text before these tokens (for text_offset)."""
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for tid, entry in zip(token_ids, entries, strict=True):
+            tops = self._tops(entry)
+            strs, _ = self._strings([tid] + [t for t, _ in tops])
+            out["tokens"].append(strs[0])
+            out["token_logprobs"].append(entry[tid].logprob)
+            out["top_logprobs"].append({s: lp.logprob for (_, lp), s in zip(tops, strs[1:], strict=True)})
+            out["text_offset"].append(offset)
+            offset += len(strs[0])
+        return out
+
+
+def chat_choice(c: CompletionOutput, index: int, logprobs: LogprobFormatter | None) -> dict:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": c.text, "refusal": None},
+        "logprobs": logprobs.chat(c.token_ids, c.logprobs) if logprobs and c.logprobs is not None else None,
+        "finish_reason": _reason(c),
+    }
+
+
+def completion_choice(c: CompletionOutput, index: int, logprobs: LogprobFormatter | None) -> dict:
+    lp = logprobs.completion(c.token_ids, c.logprobs, 0) if logprobs and c.logprobs is not None else None
+    return {"index": index, "text": c.text, "logprobs": lp, "finish_reason": _reason(c)}
+
+
+def _reason(c: CompletionOutput) -> str | None:
+    # OpenAI knows stop and length; an aborted sample (the server shut down under it) reads as length-cut.
+    return "length" if c.finish_reason == "abort" else c.finish_reason
+
+
+class ChunkMaker:
+    """Streamed chunks for one response: one id and created for all, role first, finish_reason last."""
+
+    def __init__(
+        self, base: dict, chat: bool, n: int, logprobs: LogprobFormatter | None, include_usage: bool
+    ):
+        self.base = base
+        self.chat = chat
+        self.n = n
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.started: set[int] = set()
+        self.done: set[int] = set()
+        self.offsets: dict[int, int] = {}  # characters streamed so far per choice, for text_offset
+
+    def chunks(self, prompt_index: int, out: RequestOutput) -> list[dict]:
+        result = []
+        for c in out.outputs:
+            index = prompt_index * self.n + c.index
+            if index in self.done:
+                continue
+            if not c.delta_text and not c.delta_token_ids and not c.finish_reason and index in self.started:
+                continue
+            if c.finish_reason:
+                self.done.add(index)
+            k = len(c.delta_token_ids)
+            lp = None
+            if self.logprobs and c.logprobs is not None and k:
+                entries = c.logprobs[-k:]
+                if self.chat:
+                    lp = self.logprobs.chat(c.delta_token_ids, entries)
+                else:
+                    lp = self.logprobs.completion(c.delta_token_ids, entries, self.offsets.get(index, 0))
+            reason = _reason(c) if c.finish_reason else None
+            if self.chat:
+                delta = {"content": c.delta_text}
+                if index not in self.started:
+                    delta = {"role": "assistant", **delta}
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": c.delta_text, "logprobs": lp, "finish_reason": reason}
+            self.offsets[index] = self.offsets.get(index, 0) + len(c.delta_text)
+            self.started.add(index)
+            chunk = {**self.base, "choices": [choice]}
+            if self.include_usage:
+                chunk["usage"] = None
+            result.append(chunk)
+        return result
+
+    def usage_chunk(self, outs: list[RequestOutput]) -> dict:
+        return {**self.base, "choices": [], "usage": usage(outs)}

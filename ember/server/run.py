@@ -1,0 +1,125 @@
+"""`ember serve`: engine, embedding model and HTTP server, with a drain on SIGTERM.
+
+SIGTERM (or Ctrl-C) drains: /ready turns 503 and new requests get 503 with Retry-After while the
+requests in flight finish, for up to `shutdown_timeout` seconds; what is left then is aborted, and the
+process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from ember.config import EngineConfig
+from ember.engine.async_engine import AsyncEngine
+from ember.server.app import ServerState, create_app
+
+log = logging.getLogger("ember.serve")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None  # what clients call it; default: the --model value
+    api_keys: list[str] = field(default_factory=list)
+    max_queue: int = 256
+    shutdown_timeout: float = 30.0
+    embedding_model: str | None = "all-minilm-l6-v2"
+    engine_mode: str = "thread"
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue must be >= 0 (got {self.max_queue})")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0 seconds (got {self.shutdown_timeout})")
+        if any(not k.strip() for k in self.api_keys):
+            raise ValueError("--api-key must not be empty")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(
+        self, config: uvicorn.Config, engine: AsyncEngine, state: ServerState, shutdown_timeout: float
+    ):
+        super().__init__(config)
+        self.engine = engine
+        self.state = state
+        self.shutdown_timeout = shutdown_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        watcher = asyncio.ensure_future(self._watch_engine())
+        try:
+            await super().serve(sockets)
+        finally:
+            watcher.cancel()
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.state.draining or self._loop is None:
+            return super().handle_exit(sig, frame)  # a second signal: stop now
+        self.state.draining = True
+        log.info(
+            "%s: draining (up to %.0f s for requests in flight)",
+            signal.Signals(sig).name,
+            self.shutdown_timeout,
+        )
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.shutdown_timeout
+        while self.engine.num_unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.num_unfinished:
+            log.warning("shutdown timeout: aborting %d unfinished requests", self.engine.num_unfinished)
+            self.engine.abort_all()
+            for _ in range(100):
+                if not self.engine.num_unfinished:
+                    break
+                await asyncio.sleep(0.02)
+        self.should_exit = True
+
+    async def _watch_engine(self) -> None:
+        """Stop serving if the engine fails to load: a server that can never answer should not linger."""
+        try:
+            await self.engine.wait_ready()
+            log.info("engine ready")
+        except Exception as exc:
+            log.error("%s", exc)
+            self.should_exit = True
+
+
+def serve(config: EngineConfig, options: ServeOptions) -> int:
+    """Run until drained; the exit code: 0 after a clean drain, 1 if the engine failed."""
+    engine = AsyncEngine(config, mode=options.engine_mode, max_queue=options.max_queue, wait_ready=False)
+    embedder = None
+    if options.embedding_model:
+        from ember.embeddings import EmbeddingModel
+
+        embedder = EmbeddingModel.load(options.embedding_model)
+    state = ServerState(api_keys=list(options.api_keys), embedder=embedder)
+    app = create_app(engine, options.model_name or config.model, state)
+    if not options.api_keys:
+        log.warning(
+            "no --api-key given: the API is open to anyone who can reach %s:%d", options.host, options.port
+        )
+    uv = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = DrainingServer(uv, engine, state, options.shutdown_timeout)
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    failed = engine.error is not None and engine.error != "the engine was shut down"
+    return 1 if failed or not server.started else 0

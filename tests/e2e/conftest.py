@@ -1,0 +1,100 @@
+"""Real ember servers on loopback for the end-to-end tests: uvicorn in a thread, or `ember serve` itself."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+
+from ember import AsyncEngine, CacheConfig, EngineConfig, SchedulerConfig
+from ember.embeddings import EmbeddingModel
+from ember.server.app import ServerState, create_app
+
+MODEL = "smollm2-135m-instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(url: str, path: str = "/ready", timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url}{path} did not answer 200 within {timeout} s")
+
+
+@contextlib.contextmanager
+def running_server(engine: AsyncEngine, state: ServerState | None = None) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, MODEL, state), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(url)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def metric(url: str, name: str, headers: dict | None = None) -> float:
+    text = httpx.get(url + "/metrics", headers=headers).text
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+def wait_idle(url: str, headers: dict | None = None, timeout: float = 30.0) -> None:
+    """Until /metrics shows nothing running or waiting and the KV cache empty."""
+    deadline = time.monotonic() + timeout
+    names = ("ember:num_requests_running", "ember:num_requests_waiting", "ember:kv_cache_usage_perc")
+    while time.monotonic() < deadline:
+        if all(metric(url, n, headers) == 0 for n in names):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server did not go idle: " + str({n: metric(url, n, headers) for n in names}))
+
+
+@pytest.fixture(scope="session")
+def embedder() -> EmbeddingModel:
+    return EmbeddingModel.load("all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, embedder):
+    """The default model with embeddings, open (no API keys)."""
+    engine = AsyncEngine(
+        EngineConfig(model=str(default_model_dir), cache=CacheConfig(kv_cache_memory="256MiB")), max_queue=64
+    )
+    try:
+        with running_server(engine, ServerState(embedder=embedder)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
+
+
+def small_engine(model_dir, max_num_seqs: int, max_queue: int) -> AsyncEngine:
+    return AsyncEngine(
+        EngineConfig(
+            model=str(model_dir),
+            cache=CacheConfig(kv_cache_memory="64MiB"),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+        ),
+        max_queue=max_queue,
+    )

@@ -1,0 +1,134 @@
+"""Bad input as raw HTTP: each gets its clear 4xx in OpenAI's error shape, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import MODEL, metric, wait_idle
+
+CHAT = "/v1/chat/completions"
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+CASES = [
+    # (what, path, raw body, status, words the message must contain, param)
+    ("malformed JSON", CHAT, b'{"model": "x", "messages": [', 400, "not valid JSON", None),
+    ("not an object", CHAT, b"[1, 2]", 400, "", None),
+    ("wrong type", CHAT, {**GOOD, "temperature": "hot"}, 400, "temperature", "temperature"),
+    ("wrong type n", CHAT, {**GOOD, "n": "three"}, 400, "n", "n"),
+    ("out of range", CHAT, {**GOOD, "top_p": 1.5}, 400, "top_p", "top_p"),
+    ("negative max_tokens", CHAT, {**GOOD, "max_tokens": -1}, 400, "max_tokens", "max_tokens"),
+    ("too many stops", CHAT, {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "stop"),
+    (
+        "top_logprobs too high",
+        CHAT,
+        {**GOOD, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+        None,
+    ),
+    ("bad logit_bias", CHAT, {**GOOD, "logit_bias": {"abc": 1}}, 400, "logit_bias", "logit_bias"),
+    (
+        "logit_bias id past vocab",
+        CHAT,
+        {**GOOD, "logit_bias": {"999999": 1}},
+        400,
+        "vocabulary",
+        "logit_bias",
+    ),
+    ("empty messages", CHAT, {**GOOD, "messages": []}, 400, "messages", "messages"),
+    ("unknown role", CHAT, {**GOOD, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role", None),
+    ("missing model", CHAT, {"messages": GOOD["messages"]}, 400, "model", "model"),
+    (
+        "image part",
+        CHAT,
+        {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "image_url",
+        "messages",
+    ),
+    (
+        "stream_options without stream",
+        CHAT,
+        {**GOOD, "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+        None,
+    ),
+    ("unknown model", CHAT, {**GOOD, "model": "gpt-9"}, 404, "gpt-9", "model"),
+    (
+        "huge prompt",
+        "/v1/completions",
+        {"model": MODEL, "prompt": "lorem ipsum " * 20000},
+        400,
+        "maximum context length",
+        "prompt",
+    ),
+    (
+        "token id past vocab",
+        "/v1/completions",
+        {"model": MODEL, "prompt": [1, 2, 10**9]},
+        400,
+        "vocabulary",
+        "prompt",
+    ),
+    ("empty prompt list", "/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt", "prompt"),
+    (
+        "empty embedding input",
+        "/v1/embeddings",
+        {"model": "all-minilm-l6-v2", "input": ""},
+        400,
+        "input",
+        "input",
+    ),
+    (
+        "bad encoding_format",
+        "/v1/embeddings",
+        {"model": "all-minilm-l6-v2", "input": "x", "encoding_format": "hex"},
+        400,
+        "encoding_format",
+        "encoding_format",
+    ),
+    ("unknown route", "/v1/nothing", {}, 404, "Not Found", None),
+]
+
+
+@pytest.mark.parametrize("what,path,body,status,words,param", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_4xx(server, what, path, body, status, words, param):
+    url, _ = server
+    if isinstance(body, bytes):
+        r = httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
+    else:
+        r = httpx.post(url + path, json=body, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert words in err["message"]
+    assert "/work" not in err["message"] and "site-packages" not in err["message"]
+    if param is not None:
+        assert err["param"] == param
+    # ...and the server still gives correct answers.
+    ok = httpx.post(url + CHAT, json={**GOOD, "max_tokens": 8, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200 and "Paris" in ok.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_hangs_up_frees_its_kv_blocks(server, stream):
+    url, _ = server
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    if stream:  # read a few chunks, then hang up
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30.0) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 4:
+                    assert metric(url, "ember:kv_cache_usage_perc") > 0
+                    break
+    else:  # give up waiting for the whole answer
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, timeout=1.5)
+    wait_idle(url)
+    assert metric(url, 'ember:request_success_total{finished_reason="abort"}') >= 1
