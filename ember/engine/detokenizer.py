@@ -76,8 +76,11 @@ class IncrementalDetokenizer:
     def matched_stop(self) -> str | None:
         return self._matched_stop
 
-    def append(self, new_ids: Sequence[int]) -> str | None:
-        """Add sampled token ids. Returns the stop string that matched, if one did: the sequence is then done."""
+    def append(self, new_ids: Sequence[int], check_stop: bool = True) -> str | None:
+        """Add sampled token ids. Returns the stop string that matched, if one did: the sequence is then done.
+
+        With `check_stop=False` (the sequence is still short of min_tokens) the text is only added: a stop
+        string that ends in it does not count, now or later."""
         if self._finished:
             raise RuntimeError(
                 "append() after the sequence finished (a stop string matched or flush() was called); "
@@ -91,7 +94,7 @@ class IncrementalDetokenizer:
             return None
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return self._add_text(new_text[len(prefix_text) :])
+        return self._add_text(new_text[len(prefix_text) :], check_stop)
 
     def take_delta(self) -> str:
         """Text that became safe to stream since the last call ('' if none)."""
@@ -120,10 +123,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
-    def _add_text(self, piece: str) -> str | None:
+    def _add_text(self, piece: str, check_stop: bool = True) -> str | None:
         old_len = len(self._text)
         self._text += piece
-        if not self._stop:
+        if not self._stop or not check_stop:
             return None
         # A match ending at or before old_len would have been found by an earlier call, so each stop string
         # is searched only where it could end inside the new piece. Of several matches the one that ends

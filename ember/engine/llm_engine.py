@@ -7,6 +7,7 @@ it to completion for offline batches and `AsyncEngine` runs it on a thread for o
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import torch
@@ -176,6 +177,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
+        now = time.monotonic()
+        for seq in sched.num_scheduled:
+            if seq.request.first_scheduled_time is None:
+                seq.request.first_scheduled_time = now
         # Decodes first, then prefill chunks: the layout the attention code expects.
         items = sorted(sched.num_scheduled.items(), key=lambda item: item[1] != 1)
         work, sample_rows, to_sample = [], [], []
@@ -233,7 +238,11 @@ class LLMEngine:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif seq.detokenizer is not None and (matched := seq.detokenizer.append([token])) is not None:
+        elif (
+            seq.detokenizer is not None
+            and (matched := seq.detokenizer.append([token], seq.num_output_tokens >= p.min_tokens))
+            is not None
+        ):
             self._finish(seq, "stop", matched)
         elif seq.num_tokens >= seq.request.max_total_tokens:
             self._finish(seq, "length", None)

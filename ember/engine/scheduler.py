@@ -9,7 +9,6 @@ front of the queue, to be recomputed (prompt plus what it generated so far) when
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,8 +70,6 @@ class Scheduler:
             if not self.kv.allocate_slots(seq, n):
                 break
             self.waiting.popleft()
-            if seq.request.first_scheduled_time is None:
-                seq.request.first_scheduled_time = time.monotonic()
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.num_scheduled[seq] = n

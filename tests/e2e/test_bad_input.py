@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import threading
+
 import httpx
 import pytest
 
-from tests.e2e.conftest import MODEL, metric, wait_idle
+from tests.e2e.conftest import MODEL, metric, running_server, small_engine, wait_idle
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -132,3 +135,29 @@ def test_client_that_hangs_up_frees_its_kv_blocks(server, stream):
             httpx.post(url + "/v1/completions", json=body, timeout=1.5)
     wait_idle(url)
     assert metric(url, 'ember:request_success_total{finished_reason="abort"}') >= 1
+
+
+def test_failure_after_the_stream_began_is_reported_in_band(default_model_dir):
+    engine = small_engine(default_model_dir, max_num_seqs=4, max_queue=4)
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    try:
+        with running_server(engine) as url:
+            events = []
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:
+                            threading.Thread(target=engine.shutdown).start()  # the engine dies mid-stream
+            assert json.loads(events[0])["choices"]
+            err = json.loads(events[-1])["error"]
+            assert err["type"] == "server_error" and "shut down" in err["message"]
+            assert httpx.get(url + "/health").status_code == 503
+    finally:
+        engine.shutdown()

@@ -133,6 +133,7 @@ def test_stop_strings_and_n_match_the_offline_engine(async_engine, random_llm):
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]),
         SamplingParams(temperature=0.8, seed=7, n=3, max_tokens=12, ignore_eos=True, stop=[stop]),
         SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop], min_tokens=10),
     ]
 
     async def run(params):

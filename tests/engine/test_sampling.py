@@ -152,6 +152,21 @@ def test_stop_token_max_tokens_eos_and_ignore_eos(default_llm, reference_reply):
     assert len(c.outputs[0].token_ids) >= n + 2
 
 
+def test_min_tokens_holds_off_stop_strings(default_llm, reference_reply):
+    prompt, ref = reference_reply
+    text = default_llm.tokenizer.decode(ref.token_ids)
+    stop = text.split()[1]  # a word near the start of the reply
+    early = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop]))[
+        0
+    ].outputs[0]
+    assert early.finish_reason == "stop" and early.text == text[: text.index(stop)]
+    held = default_llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=40, stop=[stop], min_tokens=len(early.token_ids) + 4)
+    )[0].outputs[0]
+    assert len(held.token_ids) >= len(early.token_ids) + 4
+    assert held.text.startswith(text[: text.index(stop) + len(stop)])  # went past the early match
+
+
 def test_logprobs_with_top_alternatives(default_llm, reference_reply):
     prompt, ref = reference_reply
     c = default_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=6, logprobs=5))[0].outputs[0]
