@@ -162,7 +162,8 @@ class AsyncEngine:
             return len(self._tracked)
 
     async def wait_ready(self) -> None:
-        await asyncio.to_thread(self._ready.wait)
+        while not self._ready.is_set():  # polled, not a thread: a cancelled wait leaves nothing behind
+            await asyncio.sleep(0.05)
         if self.error is not None:
             raise EngineDeadError(self.error)
 
@@ -181,6 +182,12 @@ class AsyncEngine:
             prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt)  # off the event loop
         else:
             prompt_ids = list(prompt)
+            vocab = self.info.vocab_size
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            if bad:  # checked here too: the detokenizer would choke on them before the core could refuse
+                raise InvalidRequest(
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+                )
         loop = asyncio.get_running_loop()
         samples = [
             _Sample(
@@ -203,11 +210,11 @@ class AsyncEngine:
             self._check_admission(request_id, params.n)
             self._tracked[request_id] = t
         self._inbox.put(AddRequest(request_id, prompt_ids, params))
-        finished = False
+        finished = False  # True once the core is done with the request: nothing to abort
         try:
             try:
                 await t.added  # raises the core's validation error, if any
-            except BaseException:
+            except (InvalidRequest, EngineDeadError):
                 finished = True
                 raise
             while True:
@@ -215,13 +222,15 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                if item.finished:
+                    finished = True  # before the yield: the caller may close the iterator right there
                 yield item
                 if item.finished:
-                    finished = True
                     return
         finally:
             with self._lock:
-                self._tracked.pop(request_id, None)
+                if self._tracked.get(request_id) is t:  # a finished id may already be reused
+                    del self._tracked[request_id]
             if not finished:  # the caller left: counted as aborted, here, as nobody hears the core's answer
                 self.abort(request_id)
                 self.metrics.request_success.labels(finished_reason="abort").inc()
@@ -235,6 +244,10 @@ class AsyncEngine:
         if request_id in self._tracked:
             raise InvalidRequest(f"request id '{request_id}' is already in use", param="request_id")
         if self.max_pending is not None:
+            if n > self.max_pending:
+                raise InvalidRequest(
+                    f"n={n} sequences exceed what this server admits at once ({self.max_pending})", param="n"
+                )
             pending = sum(t.params.n for t in list(self._tracked.values()))
             if pending + n > self.max_pending:
                 raise EngineOverloadedError(
@@ -344,7 +357,8 @@ class AsyncEngine:
         out = self._output(t, u)
         if out.finished:
             with self._lock:
-                self._tracked.pop(t.request_id, None)
+                if self._tracked.get(t.request_id) is t:
+                    del self._tracked[t.request_id]
         if not _call(t.loop, t.queue.put_nowait, out):
             self.abort(t.request_id)  # its event loop is gone: nobody will read it
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import signal
 from dataclasses import dataclass
 
 from ember.config import EngineConfig
@@ -111,6 +112,11 @@ _IDLE_POLL_S = 1.0
 
 def run_core(config: EngineConfig, inbox, outbox) -> None:
     """Entry point of the core's thread or process: load the model, then serve commands until Shutdown."""
+    if multiprocessing.parent_process() is not None:
+        # Ctrl-C reaches the whole process group: the parent drains and then says Shutdown, so the core
+        # must not die under the requests still finishing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = LLMEngine(config, detokenize=False)
     except BaseException as exc:

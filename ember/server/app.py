@@ -43,6 +43,7 @@ class ServerState:
 
     api_keys: list[str] = field(default_factory=list)
     draining: bool = False
+    in_flight: int = 0  # HTTP requests being answered, public routes aside: a drain waits for them
     embedder: object | None = None  # ember.embeddings.EmbeddingModel
 
 
@@ -248,8 +249,11 @@ class _Gate:
                 status["code"] = message["status"]
             await send(message)
 
+        public = scope["path"] in PUBLIC_PATHS
+        if not public:
+            self.state.in_flight += 1
         try:
-            if self.state.api_keys and scope["path"] not in PUBLIC_PATHS and not self._authorized(scope):
+            if self.state.api_keys and not public and not self._authorized(scope):
                 response = _error(
                     401,
                     "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
@@ -259,6 +263,8 @@ class _Gate:
                 return
             await self.app(scope, receive, send_counted)
         finally:
+            if not public:
+                self.state.in_flight -= 1
             route = scope.get("route")
             self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
 
@@ -276,19 +282,28 @@ class _Gate:
 async def _respond(
     engine: AsyncEngine, http: Request, body, prompts: list, params, chat: bool, top: int | None
 ):
+    total = len(prompts) * params.n
+    if engine.max_pending is not None and total > engine.max_pending:
+        what = f"{len(prompts)} prompts x n={params.n}" if len(prompts) > 1 else f"n={params.n}"
+        raise InvalidRequest(
+            f"{what} is {total} sequences, more than this server admits at once ({engine.max_pending})",
+            param="n" if len(prompts) == 1 else "prompt",
+        )
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
     streams = [engine.generate(p, params, request_id=i) for p, i in zip(prompts, ids, strict=True)]
-    firsts: list[RequestOutput] = []
     try:
         # The first output of each prompt before answering: a refused request gets a plain 4xx, not a broken stream.
-        for s in streams:
-            firsts.append(await anext(s))
+        firsts = await _unless_disconnected(http, _firsts(streams))
     except BaseException:
         for s in streams:
             await s.aclose()
         raise
+    if firsts is _GONE:
+        for s in streams:
+            await s.aclose()
+        return JSONResponse({}, status_code=499)
     logprobs = fmt.LogprobFormatter(engine.tokenizer, top) if top is not None else None
     obj = "chat.completion" if chat else "text_completion"
     if body.stream:
@@ -301,21 +316,42 @@ async def _respond(
             # Runs once the response is over, however it ended: a client that left aborts its requests.
             background=BackgroundTask(_abort_all, engine, ids),
         )
-    collect = asyncio.ensure_future(
-        asyncio.gather(*(_last(f, s) for f, s in zip(firsts, streams, strict=True)))
+    outs = await _unless_disconnected(
+        http, asyncio.gather(*(_last(f, s) for f, s in zip(firsts, streams, strict=True)))
     )
-    while not collect.done():
-        # The server does not cancel a handler whose client hung up: watch for it, and abort.
-        await asyncio.wait({collect}, timeout=0.5)
-        if not collect.done() and await http.is_disconnected():
-            collect.cancel()
-            await asyncio.gather(collect, return_exceptions=True)
-            _abort_all(engine, ids)
-            return JSONResponse({}, status_code=499)
-    outs: list[RequestOutput] = collect.result()
+    if outs is _GONE:
+        _abort_all(engine, ids)
+        return JSONResponse({}, status_code=499)
     choice = fmt.chat_choice if chat else fmt.completion_choice
     choices = [choice(c, i * params.n + c.index, logprobs) for i, o in enumerate(outs) for c in o.outputs]
     return {**fmt.envelope(rid, created, body.model, obj), "choices": choices, "usage": fmt.usage(outs)}
+
+
+_GONE = object()
+
+
+async def _unless_disconnected(http: Request, awaitable):
+    """The awaitable's result, or _GONE once the client hung up (the awaitable is then cancelled).
+
+    The server does not cancel a handler whose client left, so it is watched for here.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await http.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return _GONE
+        return task.result()
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _firsts(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+    return [await anext(s) for s in streams]
 
 
 def _abort_all(engine: AsyncEngine, ids: list[str]) -> None:
@@ -353,6 +389,7 @@ async def _merge(firsts: list[RequestOutput], streams: list[AsyncIterator[Reques
     finally:
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # settled before their streams close
         for s in streams:
             await s.aclose()
 

@@ -22,14 +22,26 @@ MAX_EMBEDDING_INPUTS = 2048
 _NOT_YET = ("tools", "tool_choice", "functions", "function_call", "response_format", "suffix", "audio")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Body(BaseModel):
+    """A request body: explicit nulls mean "use the default", as OpenAI treats them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = {name: f.default for name, f in cls.model_fields.items()}
+        return {k: v for k, v in data.items() if not (v is None and defaults.get(k) is not None)}
+
+
+class StreamOptions(_Body):
+    model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class _Sampling(_Body):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -65,8 +77,10 @@ class _Sampling(BaseModel):
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids (got '{key}')")
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"keys must be token ids (got '{key}')") from None
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be in [-100, 100] (got {bias})")
         return v
@@ -191,9 +205,7 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class EmbeddingRequest(_Body):
     model: str = Field(min_length=1)
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

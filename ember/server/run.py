@@ -31,7 +31,7 @@ class ServeOptions:
     max_queue: int = 256
     shutdown_timeout: float = 30.0
     embedding_model: str | None = "all-minilm-l6-v2"
-    engine_mode: str = "thread"
+    engine_mode: str = "process"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -72,15 +72,19 @@ class DrainingServer(uvicorn.Server):
         )
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
+    def _busy(self) -> bool:
+        """Requests in the engine, or responses still being written (a stream's tail, a late error)."""
+        return bool(self.engine.num_unfinished or self.state.in_flight)
+
     async def _drain(self) -> None:
         deadline = time.monotonic() + self.shutdown_timeout
-        while self.engine.num_unfinished and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.engine.num_unfinished:
+        if self._busy():
             log.warning("shutdown timeout: aborting %d unfinished requests", self.engine.num_unfinished)
             self.engine.abort_all()
             for _ in range(100):
-                if not self.engine.num_unfinished:
+                if not self._busy():
                     break
                 await asyncio.sleep(0.02)
         self.should_exit = True

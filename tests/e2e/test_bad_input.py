@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -74,6 +75,31 @@ CASES = [
         "vocabulary",
         "prompt",
     ),
+    (
+        "negative token id",
+        "/v1/completions",
+        {"model": MODEL, "prompt": [1, -5]},
+        400,
+        "vocabulary",
+        "prompt",
+    ),
+    (
+        "token id past 2^32",
+        "/v1/completions",
+        {"model": MODEL, "prompt": [[1, 2**40]]},
+        400,
+        "vocabulary",
+        "prompt",
+    ),
+    (
+        "more sequences than the server admits",
+        "/v1/completions",
+        {"model": MODEL, "prompt": ["hi"] * 100, "n": 16, "max_tokens": 1},
+        400,
+        "sequences",
+        "prompt",
+    ),
+    ("logit_bias key not a number", CHAT, {**GOOD, "logit_bias": {"²": 1}}, 400, "logit_bias", "logit_bias"),
     ("empty prompt list", "/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt", "prompt"),
     (
         "empty embedding input",
@@ -159,5 +185,59 @@ def test_failure_after_the_stream_began_is_reported_in_band(default_model_dir):
             err = json.loads(events[-1])["error"]
             assert err["type"] == "server_error" and "shut down" in err["message"]
             assert httpx.get(url + "/health").status_code == 503
+    finally:
+        engine.shutdown()
+
+
+def test_explicit_nulls_mean_the_defaults(server):
+    url, _ = server
+    nulls = dict.fromkeys(
+        ["temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "seed"]
+    )
+    body = {**GOOD, **nulls, "max_tokens": 4, "stream_options": None, "stop": None, "user": None}
+    r = httpx.post(url + CHAT, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1
+    body = {"model": MODEL, "prompt": "Hi", **nulls, "echo": None, "max_tokens": None}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 16  # the completions default for max_tokens
+    # Fields a newer SDK may send inside stream_options are ignored, not refused.
+    body = {**GOOD, "max_tokens": 2, "stream": True, "stream_options": {"include_obfuscation": False}}
+    with httpx.stream("POST", url + CHAT, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert list(r.iter_lines())[-2] == "data: [DONE]"
+
+
+def test_requests_that_finish_are_not_counted_as_aborted(server):
+    url, _ = server
+    wait_idle(url)
+    name = 'ember:request_success_total{finished_reason="abort"}'
+    before = metric(url, name) if name in httpx.get(url + "/metrics").text else 0.0
+    for stream in (False, True):
+        body = {"model": MODEL, "prompt": ["Hi", "Hello"], "n": 2, "max_tokens": 5, "stream": stream}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200
+    wait_idle(url)
+    after = metric(url, name) if name in httpx.get(url + "/metrics").text else 0.0
+    assert after == before
+
+
+def test_client_that_hangs_up_while_queued_is_dropped_from_the_queue(default_model_dir):
+    engine = small_engine(default_model_dir, max_num_seqs=1, max_queue=4)
+    long = {"model": MODEL, "prompt": "Once", "max_tokens": 1400, "ignore_eos": True, "stream": True}
+    try:
+        with running_server(engine) as url:
+            with httpx.stream("POST", url + "/v1/completions", json=long, timeout=60) as r:
+                lines = r.iter_lines()
+                next(lines)  # the long request holds the only running slot
+                with pytest.raises(httpx.ReadTimeout):  # this one waits in the queue, then its client leaves
+                    httpx.post(url + "/v1/completions", json={**long, "stream": False}, timeout=1.5)
+                deadline = time.monotonic() + 10
+                while metric(url, "ember:num_requests_waiting") > 0 and time.monotonic() < deadline:
+                    next(lines)
+                assert metric(url, "ember:num_requests_waiting") == 0
+                assert metric(url, "ember:num_requests_running") == 1
+            wait_idle(url)
     finally:
         engine.shutdown()
