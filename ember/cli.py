@@ -132,6 +132,7 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
+    quantization: str = typer.Option("none", help="int4: 4-bit weights, with --dtype bfloat16 (CPU)"),
     kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
     max_num_seqs: int = typer.Option(128, help="cap on running sequences"),
     max_num_batched_tokens: int = typer.Option(2048, help="token budget per engine step"),
@@ -147,6 +148,7 @@ def serve(
             model=model,
             device=device,
             dtype=dtype,
+            quantization=None if quantization.lower() == "none" else quantization,
             cache=CacheConfig(kv_cache_memory=kv_cache_memory),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
@@ -183,6 +185,94 @@ def bench_offline(
     from ember.bench.offline import run_offline
 
     run_offline(model, num_prompts, max_tokens, hf_prompts, out, dtype)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    base_url: str = typer.Option("http://127.0.0.1:8000", help="the server, without /v1"),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="the model name the server serves"),
+    endpoint: str = typer.Option("completions", help="completions or chat"),
+    workload: str = typer.Option("random", help="random, shared-prefix, chat, multi-lora or file"),
+    workload_file: str | None = typer.Option(None, help="a workload.jsonl to replay (--workload file)"),
+    num_requests: int | None = typer.Option(None, help="requests per run (default 100; file: all)"),
+    request_rate: float = typer.Option(float("inf"), help="requests/s; inf sends all at once"),
+    max_concurrency: str | None = typer.Option(None, help="cap on requests in flight, or a sweep: 1,4,16"),
+    burstiness: float = typer.Option(1.0, help="gamma shape of arrival gaps; 1.0 is Poisson"),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="generate max_tokens whatever the model says"
+    ),
+    temperature: float = typer.Option(0.0),
+    seed: int | None = typer.Option(None, help="replay exactly this workload (default: fresh prompts)"),
+    out: str | None = typer.Option(None, help="results directory (default: ./bench-serve-<time>)"),
+    goodput: list[str] = typer.Option([], help="SLO as METRIC:MS, metric ttft, tpot or e2el (repeatable)"),
+    api_key: str | None = typer.Option(None, help="sent as a Bearer token"),
+    tokenizer: str = typer.Option(DEFAULT_MODEL, help="model whose tokenizer sizes the prompts"),
+    warmup: int = typer.Option(1, help="untimed requests first; a failing one stops the run"),
+    input_len: int = typer.Option(256, help="prompt tokens (random, multi-lora; chat: per turn)"),
+    output_len: int = typer.Option(128, help="max_tokens per request"),
+    range_ratio: float = typer.Option(0.0, help="lengths uniform in [L(1-r), L(1+r)]"),
+    num_prefix_groups: int = typer.Option(4, help="shared-prefix: groups"),
+    prefix_len: int = typer.Option(512, help="shared-prefix: tokens of each group's prefix"),
+    suffix_len: int = typer.Option(64, help="shared-prefix: unique tokens per request"),
+    num_turns: int = typer.Option(4, help="chat: turns per session"),
+    num_adapters: int = typer.Option(100, help="multi-lora: adapters <adapter-prefix>-<i>"),
+    zipf: float = typer.Option(1.1, help="multi-lora: Zipf skew s, P(i) ~ 1/(i+1)^s"),
+    adapter_prefix: str = typer.Option("lora", help="multi-lora: adapter name prefix"),
+) -> None:
+    """Load a running OpenAI-compatible server and report TTFT, TPOT, ITL, E2EL and throughput as
+    `vllm bench serve` defines them."""
+    import time
+    from pathlib import Path
+
+    from ember.bench.serving import (
+        BenchConfig,
+        BenchError,
+        WorkloadConfig,
+        parse_concurrency,
+        parse_goodput,
+        print_report,
+        run_sweep,
+        save_results,
+    )
+
+    try:
+        config = BenchConfig(
+            base_url=base_url,
+            model=model,
+            workload=WorkloadConfig(
+                kind=workload,
+                num_requests=num_requests,
+                seed=seed,
+                tokenizer=tokenizer,
+                file=Path(workload_file) if workload_file else None,
+                input_len=input_len,
+                output_len=output_len,
+                range_ratio=range_ratio,
+                num_prefix_groups=num_prefix_groups,
+                prefix_len=prefix_len,
+                suffix_len=suffix_len,
+                num_turns=num_turns,
+                num_adapters=num_adapters,
+                zipf=zipf,
+                adapter_prefix=adapter_prefix,
+            ),
+            endpoint=endpoint,
+            request_rate=request_rate,
+            burstiness=burstiness,
+            ignore_eos=ignore_eos,
+            temperature=temperature,
+            goodput=parse_goodput(goodput),
+            api_key=api_key,
+            warmup=warmup,
+        )
+        results = run_sweep(config, parse_concurrency(max_concurrency))
+    except (ValueError, FileNotFoundError, BenchError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    print_report(results)
+    out_dir = Path(out or f"bench-serve-{time.strftime('%Y%m%d-%H%M%S')}")
+    save_results(results, out_dir)
+    typer.secho(f"results, workload and plots in {out_dir}/", fg="cyan", err=True)
 
 
 def main() -> None:

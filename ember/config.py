@@ -52,6 +52,7 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "cpu"
     dtype: str = "float32"
+    quantization: str | None = None  # "int4" (CPU, dtype bfloat16): see ember.models.quant
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests that give no seed of their own
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -60,6 +61,14 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16 (got '{self.dtype}')")
+        if self.quantization is not None:
+            if self.quantization != "int4":
+                raise ValueError(f"quantization must be int4 or none (got '{self.quantization}')")
+            if self.device != "cpu" or self.dtype != "bfloat16":
+                raise ValueError(
+                    "quantization int4 runs on the CPU with bfloat16 activations: "
+                    f"pass device cpu and dtype bfloat16 (got {self.device}, {self.dtype})"
+                )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1 (got {self.max_model_len})")
 

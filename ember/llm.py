@@ -18,7 +18,7 @@ Prompt = str | list[int]
 
 class LLM:
     """Keyword arguments are EngineConfig fields plus the cache and scheduler fields, flat:
-    device, dtype, max_model_len, seed, block_size, kv_cache_memory, num_blocks, max_num_seqs,
+    device, dtype, quantization, max_model_len, seed, block_size, kv_cache_memory, num_blocks, max_num_seqs,
     max_num_batched_tokens."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any):

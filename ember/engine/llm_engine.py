@@ -42,7 +42,9 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.model_config = ModelConfig.from_dir(path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.model = load_model(path, self.model_config, config.torch_dtype, self.device, self.max_model_len)
+        self.model = load_model(
+            path, self.model_config, config.torch_dtype, self.device, self.max_model_len, config.quantization
+        )
         self.eos_token_ids = self.model_config.eos_token_ids or [self.tokenizer.eos_token_id]
         cache = config.cache
         per_block = ModelRunner.bytes_per_block(self.model_config, cache.block_size, config.torch_dtype)

@@ -92,8 +92,9 @@ def paged_attention(
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     # cache [Hkv, num_blocks, bs, D]; block ids [..., nb] -> [Hkv, ..., nb * bs, D]
-    g = cache[:, block_table]
-    return g.view(*g.shape[:-3], -1, g.shape[-1])
+    # index_select on the flat ids: a third of the time of advanced indexing for decode-sized gathers.
+    g = cache.index_select(1, block_table.reshape(-1))
+    return g.view(cache.shape[0], *block_table.shape[:-1], -1, cache.shape[-1])
 
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
@@ -103,8 +104,14 @@ def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     v = _gather(v_cache, meta.decode_block_tables)
     # Grouped query heads share one KV head: [Hkv, B, G, D]
     qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, B, G, L]
-    scores.masked_fill_(meta.decode_masked[None, :, None, :], float("-inf"))
+    if b == 1 and meta.sliding_window is None:
+        # One sequence: its context is a prefix of the gathered blocks, so slice instead of masking.
+        n = int(meta.decode_context_lens[0])
+        k, v = k[:, :, :n], v[:, :, :n]
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, 1, G, n]
+    else:
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, B, G, L]
+        scores.masked_fill_(meta.decode_masked[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)  # [Hkv, B, G, D]
     return out.transpose(0, 1).reshape(b, hq, d)

@@ -8,6 +8,7 @@ import torch
 
 from ember.models.config import ModelConfig
 from ember.models.llama import LlamaForCausalLM
+from ember.models.quant import quantize_model
 from ember.models.weights import load_state_dict
 
 
@@ -17,6 +18,7 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int | None = None,
+    quantization: str | None = None,
 ) -> LlamaForCausalLM:
     # Construct without initialising (the checkpoint overwrites every parameter), then load.
     with torch.device("meta"):
@@ -26,4 +28,7 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.load_hf_state_dict(load_state_dict(Path(path), dtype=torch.float32))
     model.rope.to(device)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model
