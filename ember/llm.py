@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ember.config import CacheConfig, EngineConfig, SchedulerConfig
+from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.models.catalog import DEFAULT_MODEL
 from ember.outputs import RequestOutput
@@ -18,25 +18,41 @@ Prompt = str | list[int]
 
 class LLM:
     """Keyword arguments are EngineConfig fields plus the cache and scheduler fields, flat:
-    device, dtype, quantization, max_model_len, seed, block_size, kv_cache_memory, num_blocks, max_num_seqs,
-    max_num_batched_tokens."""
+    device, dtype, quantization, max_model_len, seed, block_size, kv_cache_memory, num_blocks,
+    enable_prefix_caching, max_num_seqs, max_num_batched_tokens, enable_lora, max_loras, max_lora_rank."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any):
-        cache = {k: kwargs.pop(k) for k in ("block_size", "kv_cache_memory", "num_blocks") if k in kwargs}
+        cache_keys = ("block_size", "kv_cache_memory", "num_blocks", "enable_prefix_caching")
+        cache = {k: kwargs.pop(k) for k in cache_keys if k in kwargs}
         sched = {k: kwargs.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in kwargs}
+        lora_keys = {"enable_lora": "enabled", "max_loras": "max_loras", "max_lora_rank": "max_rank"}
+        lora = {field: kwargs.pop(k) for k, field in lora_keys.items() if k in kwargs}
         config = EngineConfig(
-            model=model, cache=CacheConfig(**cache), scheduler=SchedulerConfig(**sched), **kwargs
+            model=model,
+            cache=CacheConfig(**cache),
+            scheduler=SchedulerConfig(**sched),
+            lora=LoRAConfig(**lora),
+            **kwargs,
         )
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA adapter (needs enable_lora=True); generate(..., lora=name) uses it."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
 
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora: str | None | Seq[str | None] = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids."""
+        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids; `lora` is
+        an adapter name for all of them or one per prompt (None: the base model), mixed in one batch."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -44,10 +60,13 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} adapters for {len(prompts)} prompts")
         ids: list[str] = []
         try:
-            for prompt, sp in zip(prompts, params, strict=True):
-                ids.append(self.engine.add_request(prompt, sp).request_id)
+            for prompt, sp, name in zip(prompts, params, loras, strict=True):
+                ids.append(self.engine.add_request(prompt, sp, lora=name).request_id)
         except ValueError:
             for rid in ids:  # all or nothing: no half-added batch left in the engine
                 self.engine.abort_request(rid)

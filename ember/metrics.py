@@ -58,22 +58,42 @@ class EngineMetrics:
             buckets=_LONG_BUCKETS,
             registry=r,
         )
-        # Counted in tokens; the prefix cache (a later issue) feeds them.
+        # Counted in tokens, as vLLM counts them: hits / queries is the prefix cache's hit rate.
         self.prefix_cache_queries = Counter(
             "ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
         )
         self.prefix_cache_hits = Counter(
             "ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", registry=r
         )
+        self.lora_requests = Counter(
+            "ember:lora_requests",
+            "Finished requests served with a LoRA adapter, by adapter.",
+            ["adapter"],
+            registry=r,
+        )
+        self.lora_generation_tokens = Counter(
+            "ember:lora_generation_tokens",
+            "Tokens generated with a LoRA adapter, by adapter.",
+            ["adapter"],
+            registry=r,
+        )
         self.http_requests = Counter(
             "ember:http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
-        self._preemptions_seen = 0
+        self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
 
-    def set_stats(self, running: int, waiting: int, kv_usage: float, preemptions: int) -> None:
+    def set_stats(
+        self, running: int, waiting: int, kv_usage: float, preemptions: int, queries: int = 0, hits: int = 0
+    ) -> None:
+        """Gauges as they stand; counters from the core's cumulative totals."""
         self.num_requests_running.set(running)
         self.num_requests_waiting.set(waiting)
         self.kv_cache_usage_perc.set(kv_usage)
-        if preemptions > self._preemptions_seen:
-            self.num_preemptions.inc(preemptions - self._preemptions_seen)
-            self._preemptions_seen = preemptions
+        for name, total, counter in (
+            ("preemptions", preemptions, self.num_preemptions),
+            ("queries", queries, self.prefix_cache_queries),
+            ("hits", hits, self.prefix_cache_hits),
+        ):
+            if total > self._seen[name]:
+                counter.inc(total - self._seen[name])
+                self._seen[name] = total

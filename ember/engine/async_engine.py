@@ -28,11 +28,14 @@ from ember.config import EngineConfig
 from ember.engine.core import (
     Abort,
     Added,
+    AddLoRA,
     AddRequest,
     CoreStats,
     Dead,
     FinishSample,
+    LoRADone,
     Ready,
+    RemoveLoRA,
     RequestUpdate,
     Shutdown,
     Step,
@@ -61,6 +64,14 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is full: retry later."""
 
 
+class LoRAOpError(Exception):
+    """Adding or removing an adapter failed; `status` is the HTTP answer (400, 404 or 409)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(eq=False)
 class _Sample:
     detok: IncrementalDetokenizer
@@ -84,6 +95,7 @@ class _Tracked:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     added: asyncio.Future  # settled once the core admits or refuses the request
+    lora: str | None = None
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
 
@@ -123,7 +135,9 @@ class AsyncEngine:
         self.stats: CoreStats | None = None
         self.error: str | None = None
         self._tracked: dict[str, _Tracked] = {}
-        self._lock = threading.Lock()  # guards _tracked between callers and the output thread
+        self._lock = threading.Lock()  # guards _tracked and _lora_ops between callers and the output thread
+        self.adapters: dict[str, str] = {}  # loaded LoRA adapters: name -> path
+        self._lora_ops: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ready = threading.Event()
         self._stopping = False
         if mode == "thread":
@@ -174,10 +188,19 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        cache_salt: bytes | None = None,
+        max_cached_tokens: int | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        """`cache_salt`, `max_cached_tokens` and `lora` (an adapter name): as in LLMEngine.add_request."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
         self._check_admission(request_id, params.n)
+        if lora is not None and lora not in self.adapters:
+            raise InvalidRequest(
+                f"no LoRA adapter named '{lora}' is loaded", param="model", code="model_not_found"
+            )
         if isinstance(prompt, str):
             prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt)  # off the event loop
         else:
@@ -204,12 +227,12 @@ class AsyncEngine:
         ]
         text = prompt if isinstance(prompt, str) else None
         t = _Tracked(
-            request_id, text, prompt_ids, params, samples, loop, asyncio.Queue(), loop.create_future()
+            request_id, text, prompt_ids, params, samples, loop, asyncio.Queue(), loop.create_future(), lora
         )
         with self._lock:
             self._check_admission(request_id, params.n)
             self._tracked[request_id] = t
-        self._inbox.put(AddRequest(request_id, prompt_ids, params))
+        self._inbox.put(AddRequest(request_id, prompt_ids, params, cache_salt, max_cached_tokens, lora))
         finished = False  # True once the core is done with the request: nothing to abort
         try:
             try:
@@ -254,6 +277,44 @@ class AsyncEngine:
                     f"the server is at capacity ({pending} sequences running or queued); retry later"
                 )
 
+    # -- adapters -----------------------------------------------------------------------------------
+
+    async def add_lora(self, name: str, path: str) -> None:
+        """Load a PEFT adapter into the core (checked there); LoRAOpError says why it was refused."""
+        await self._lora_op(name, AddLoRA(name, str(path)))
+        self.adapters[name] = str(path)
+
+    async def remove_lora(self, name: str) -> None:
+        await self._lora_op(name, RemoveLoRA(name))
+        self.adapters.pop(name, None)
+
+    async def _lora_op(self, name: str, cmd) -> None:
+        if self.error is not None or self._stopping:
+            raise EngineDeadError(f"the engine has stopped: {self.error or 'shut down'}")
+        if self.info is None:
+            raise EngineNotReadyError("the model is still loading; retry shortly")
+        if not self.info.lora_enabled:
+            raise LoRAOpError("this server was started without LoRA support", 400)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if name in self._lora_ops:
+                raise LoRAOpError(f"adapter '{name}' is being changed by another request; retry", 409)
+            self._lora_ops[name] = (loop, future)
+        self._inbox.put(cmd)
+        try:
+            await future
+        finally:
+            with self._lock:
+                self._lora_ops.pop(name, None)
+
+    def _on_lora_done(self, msg: LoRADone) -> None:
+        with self._lock:
+            op = self._lora_ops.get(msg.name)
+        if op is not None:
+            error = None if msg.error is None else LoRAOpError(msg.error, msg.status)
+            _call(op[0], _settle, op[1], error)
+
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream, if someone reads it, ends with finish_reason "abort"."""
         self._inbox.put(Abort(request_id))
@@ -288,11 +349,20 @@ class AsyncEngine:
                 if isinstance(msg, Step):
                     s = msg.stats
                     self.stats = s
-                    self.metrics.set_stats(s.num_running, s.num_waiting, s.kv_cache_usage, s.num_preemptions)
+                    self.metrics.set_stats(
+                        s.num_running,
+                        s.num_waiting,
+                        s.kv_cache_usage,
+                        s.num_preemptions,
+                        s.prefix_cache_queries,
+                        s.prefix_cache_hits,
+                    )
                     for update in msg.updates:
                         self._on_update(update)
                 elif isinstance(msg, Added):
                     self._on_added(msg)
+                elif isinstance(msg, LoRADone):
+                    self._on_lora_done(msg)
                 elif isinstance(msg, Ready):
                     self.info = msg
                     self._ready.set()
@@ -310,6 +380,9 @@ class AsyncEngine:
         self._ready.set()
         with self._lock:
             tracked = list(self._tracked.values())
+            ops = list(self._lora_ops.values())
+        for loop, future in ops:
+            _call(loop, _settle, future, EngineDeadError(self.error))
         for t in tracked:
             err = EngineDeadError(self.error)
             _call(t.loop, _settle, t.added, err)
@@ -373,10 +446,14 @@ class AsyncEngine:
             else:
                 m.inter_token_latency.observe(now - t.last_token)
             m.generation_tokens.inc(new_tokens)
+            if t.lora is not None:
+                m.lora_generation_tokens.labels(adapter=t.lora).inc(new_tokens)
             t.last_token = now
         if t.finished:
             m.e2e_request_latency.observe(now - t.arrival)
             m.request_success.labels(finished_reason=t.samples[0].finish_reason).inc()
+            if t.lora is not None:
+                m.lora_requests.labels(adapter=t.lora).inc()
 
     def _output(self, t: _Tracked, u: RequestUpdate) -> RequestOutput:
         outs = []

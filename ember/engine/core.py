@@ -29,6 +29,29 @@ class AddRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    cache_salt: bytes | None = None  # prefix-cache namespace
+    max_cached_tokens: int | None = None
+    lora: str | None = None  # adapter name; None: the base model
+
+
+@dataclass
+class AddLoRA:
+    name: str
+    path: str
+
+
+@dataclass
+class RemoveLoRA:
+    name: str
+
+
+@dataclass
+class LoRADone:
+    """The core's answer to AddLoRA / RemoveLoRA: error is None on success."""
+
+    name: str
+    error: str | None
+    status: int = 200  # what the HTTP layer should answer on error: 400 bad adapter, 404, 409 in use
 
 
 @dataclass
@@ -59,6 +82,7 @@ class Ready:
     vocab_size: int
     num_blocks: int
     block_size: int
+    lora_enabled: bool = False
 
 
 @dataclass
@@ -93,6 +117,8 @@ class CoreStats:
     num_waiting: int
     kv_cache_usage: float  # fraction of KV blocks in use, 0..1
     num_preemptions: int
+    prefix_cache_queries: int = 0  # tokens, cumulative
+    prefix_cache_hits: int = 0
 
 
 @dataclass
@@ -128,6 +154,7 @@ def run_core(config: EngineConfig, inbox, outbox) -> None:
             engine.model_config.vocab_size,
             engine.kv.pool.num_blocks,
             engine.kv.block_size,
+            engine.lora is not None,
         )
     )
     try:
@@ -178,7 +205,14 @@ class EngineCore:
         engine = self.engine
         if isinstance(cmd, AddRequest):
             try:
-                engine.add_request(cmd.prompt_ids, cmd.params, cmd.request_id)
+                engine.add_request(
+                    cmd.prompt_ids,
+                    cmd.params,
+                    cmd.request_id,
+                    cache_salt=cmd.cache_salt,
+                    max_cached_tokens=cmd.max_cached_tokens,
+                    lora=cmd.lora,
+                )
                 error = None
             except InvalidRequest as exc:
                 error = (str(exc), exc.param, exc.code)
@@ -193,6 +227,23 @@ class EngineCore:
                 self.outbox.put(Step([update], self.stats()))
         elif isinstance(cmd, FinishSample):
             engine.finish_sequence(cmd.request_id, cmd.index, cmd.stop_reason)
+        elif isinstance(cmd, AddLoRA):
+            try:
+                engine.add_lora(cmd.name, cmd.path)
+                self.outbox.put(LoRADone(cmd.name, None))
+            except ValueError as exc:  # AdapterError, InvalidRequest: the adapter or the request is bad
+                self.outbox.put(LoRADone(cmd.name, str(exc), 400))
+            except Exception as exc:  # a file no check foresaw must not take the engine down
+                log.exception("loading adapter '%s' failed", cmd.name)
+                self.outbox.put(LoRADone(cmd.name, f"adapter '{cmd.name}' could not be loaded: {exc!r}", 400))
+        elif isinstance(cmd, RemoveLoRA):
+            try:
+                engine.remove_lora(cmd.name)
+                self.outbox.put(LoRADone(cmd.name, None))
+            except KeyError:
+                self.outbox.put(LoRADone(cmd.name, f"no LoRA adapter named '{cmd.name}' is loaded", 404))
+            except ValueError as exc:
+                self.outbox.put(LoRADone(cmd.name, str(exc), 409))
 
     def stats(self) -> CoreStats:
         sched = self.engine.scheduler
@@ -202,6 +253,8 @@ class EngineCore:
             num_waiting=len({s.request.request_id for s in sched.waiting}),
             kv_cache_usage=1.0 - pool.num_free / pool.num_blocks,
             num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=self.engine.kv.prefix_queries,
+            prefix_cache_hits=self.engine.kv.prefix_hits,
         )
 
 

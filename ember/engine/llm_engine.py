@@ -14,15 +14,18 @@ import torch
 
 from ember.config import EngineConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
-from ember.engine.kv_cache import KVCacheManager
+from ember.engine.kv_cache import KVCacheManager, root_hash
 from ember.engine.model_runner import ModelRunner
 from ember.engine.sampler import sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Request, Sequence
 from ember.errors import InvalidRequest
+from ember.lora.adapter import AdapterError
+from ember.lora.manager import LoRAManager
 from ember.models.catalog import resolve_model
 from ember.models.config import ModelConfig
 from ember.models.loader import load_model
+from ember.models.lora import enable_lora
 from ember.outputs import CompletionOutput, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
@@ -55,9 +58,14 @@ class LLMEngine:
             cache.block_size,
             num_blocks * per_block / 2**20,
         )
-        self.kv = KVCacheManager(num_blocks, cache.block_size)
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.lora: LoRAManager | None = None
+        if config.lora.enabled:
+            lc = config.lora
+            enable_lora(self.model, lc.max_loras, lc.max_rank)
+            self.lora = LoRAManager(self.model, self.model_config, lc.max_loras, lc.max_rank, lc.max_adapters)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.device)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.lora)
         self.requests: dict[str, Request] = {}
         # Draws for requests without a seed of their own: reproducible per engine seed.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -69,8 +77,28 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        *,
+        cache_salt: str | bytes | None = None,
+        max_cached_tokens: int | None = None,
+        lora: str | None = None,
     ) -> Request:
+        """`cache_salt` names the prefix-cache namespace: requests share cached KV only under the same
+        salt (the server derives it from the API key). `max_cached_tokens` caps how many prompt tokens
+        may come from the cache; 0 keeps the request out of the cache entirely (no reads, no writes).
+        `lora` names a loaded adapter to run with (see add_lora)."""
         params = params or SamplingParams()
+        adapter = None
+        if lora is not None:
+            if self.lora is None:
+                raise InvalidRequest(
+                    "this engine serves no LoRA adapters (enable them in LoRAConfig)", param="model"
+                )
+            self.lora.check(lora)
+            adapter = self.lora.adapters[lora]
+        if max_cached_tokens is not None and max_cached_tokens < 0:
+            raise InvalidRequest(
+                f"prompt_cache_max_len must be >= 0 (got {max_cached_tokens})", param="prompt_cache_max_len"
+            )
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequest(f"request id '{request_id}' is already in use", param="request_id")
@@ -84,6 +112,12 @@ class LLMEngine:
         request = Request(
             request_id, text, ids, params, len(ids) + max_tokens, eos_token_ids=self.eos_token_ids
         )
+        request.lora = lora
+        if max_cached_tokens != 0:
+            salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt
+            # Never shared across adapters: the root takes the adapter's identity (a re-added name is new).
+            request.cache_root = root_hash(salt, None if adapter is None else adapter.uid)
+            request.max_cached_tokens = max_cached_tokens
         request.seqs.append(self._new_sequence(request, 0))
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -149,6 +183,24 @@ class LLMEngine:
             logprobs=[] if p.logprobs is not None else None,
         )
 
+    # -- adapters -----------------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA adapter under `name` (checked now; AdapterError says what is wrong)."""
+        if self.lora is None:
+            raise InvalidRequest("this engine serves no LoRA adapters (enable them in LoRAConfig)")
+        self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter; refused (AdapterError) while requests use it, running or waiting.
+        KeyError if unknown."""
+        if self.lora is None:
+            raise KeyError(name)
+        users = sum(1 for r in self.requests.values() if r.lora == name)
+        if users and name in self.lora.adapters:
+            raise AdapterError(f"adapter '{name}' is in use by {users} unfinished requests")
+        self.lora.remove(name)
+
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -186,15 +238,17 @@ class LLMEngine:
         # Decodes first, then prefill chunks: the layout the attention code expects.
         items = sorted(sched.num_scheduled.items(), key=lambda item: item[1] != 1)
         work, sample_rows, to_sample = [], [], []
+        slots = [seq.lora_slot for seq, _ in items]
         for j, (seq, n) in enumerate(items):
             work.append((seq.token_ids, seq.num_computed_tokens, n, seq.block_table))
             if seq.num_computed_tokens + n == seq.num_tokens:
                 sample_rows.append(j)
                 to_sample.append(seq)
         self.runner.copy_blocks(self.kv.take_copies())
-        logits = self.runner.execute(work, sample_rows)
+        logits = self.runner.execute(work, sample_rows, slots)
         for seq, n in items:
             seq.num_computed_tokens += n
+            self.kv.commit(seq)
 
         rows, seqs = [], []
         for row, seq in enumerate(to_sample):
@@ -280,5 +334,6 @@ class LLMEngine:
             request.prompt_token_ids,
             outs,
             request.finished,
+            num_cached_tokens=request.num_cached_tokens,
             queue_time=None if queued is None else queued - request.arrival_time,
         )

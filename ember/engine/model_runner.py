@@ -11,6 +11,7 @@ import torch
 
 from ember.models.attention import AttentionMetadata, PrefillChunk
 from ember.models.llama import LlamaForCausalLM
+from ember.models.lora import LoRABatch
 
 
 class ModelRunner:
@@ -46,11 +47,13 @@ class ModelRunner:
         self,
         work: list[tuple[list[int], int, int, list[int]]],
         sample_rows: list[int],
+        lora_slots: list[int | None] | None = None,
     ) -> torch.Tensor:
         """Run one step.
 
         work: per sequence (token_ids, num_computed_tokens, num_new_tokens, block_table), decodes first.
         sample_rows: indices into `work` of the sequences whose last new token is to be sampled from.
+        lora_slots: per sequence, the adapter slot its tokens run with (None: the base model).
         Returns logits [len(sample_rows), vocab] in fp32.
         """
         bs = self.block_size
@@ -84,13 +87,29 @@ class ModelRunner:
                 [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=self.device
             ).view(num_decodes, width),
             decode_context_lens=torch.tensor(decode_lens, dtype=torch.long, device=self.device),
+            max_decode_len=max(decode_lens, default=0),
             prefills=prefills,
             block_size=bs,
             sliding_window=window,
         )
+        lora = getattr(self.model, "lora", None)
+        if lora is not None:
+            lora.batch = self._lora_batch(work, lora_slots)
         hidden = self.model(torch.tensor(ids, device=self.device), pos, self.kv_caches, meta)
         rows = torch.tensor([last_token_of[i] for i in sample_rows], dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows])
+
+    def _lora_batch(self, work, lora_slots: list[int | None] | None) -> LoRABatch | None:
+        """The step's token rows grouped by adapter slot; None when no token runs with an adapter."""
+        if not lora_slots or all(s is None for s in lora_slots):
+            return None
+        rows: dict[int, list[int]] = {}
+        offset = 0
+        for (_, _, n, _), slot in zip(work, lora_slots, strict=True):
+            if slot is not None:
+                rows.setdefault(slot, []).extend(range(offset, offset + n))
+            offset += n
+        return LoRABatch([(slot, torch.tensor(r, device=self.device)) for slot, r in rows.items()])
 
     def _slots(self, work, pos: torch.Tensor, bs: int) -> torch.Tensor:
         # slot of position p of a sequence = block_table[p // bs] * bs + p % bs

@@ -50,8 +50,9 @@ def sample(
     token_ids = chosen.tolist()
     result = SampleResult(token_ids, [None] * len(seqs), [None] * len(seqs))
     if wanted:
-        result.logprobs, lps = _logprob_entries(raw_logprobs, token_ids, params, wanted)
-        for i, lp in zip(wanted, lps, strict=True):
+        entries, lps = _logprob_entries(raw_logprobs, token_ids, params, wanted)
+        for i, entry, lp in zip(wanted, entries, lps, strict=True):  # back to their rows
+            result.logprobs[i] = entry
             result.chosen_logprobs[i] = lp
     return result
 

@@ -2,9 +2,11 @@
 
 Each step hands out at most `max_num_batched_tokens` tokens of work: running sequences first (a decode
 costs one token; a prompt still being prefilled takes a chunk of what is left), then waiting sequences
-in arrival order, up to `max_num_seqs` running. When the KV pool cannot hold a running sequence's next
-tokens, the newest running sequence is preempted: its blocks go back to the pool and it returns to the
-front of the queue, to be recomputed (prompt plus what it generated so far) when room frees up.
+in arrival order, up to `max_num_seqs` running. A waiting sequence first takes over the longest cached
+prefix of its tokens (see kv_cache), and only what follows it draws on the budget. When the KV pool
+cannot hold a running sequence's next tokens, the newest running sequence is preempted: its blocks go
+back to the pool and it returns to the front of the queue, to be recomputed (prompt plus what it
+generated so far, from the cache where its blocks are still there) when room frees up.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from ember.config import SchedulerConfig
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.sequence import Sequence, Status
+from ember.lora.manager import LoRAManager
 
 
 @dataclass
@@ -29,9 +32,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora: LoRAManager | None = None):
         self.config = config
         self.kv = kv
+        self.lora = lora  # None: the engine serves no adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -61,22 +65,46 @@ class Scheduler:
                 i += 1
                 continue
             break
-        # Admit new work only when nothing had to be preempted this step: FCFS, no skipping ahead.
+        # Admit new work only when nothing had to be preempted this step: FCFS, no skipping ahead,
+        # except past a sequence whose LoRA adapter cannot get a slot (every slot busy with others):
+        # it keeps its place, and requests for resident adapters (or none) go on.
+        blocked: list[Sequence] = []
         while not out.preempted and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(seq, n):
+            if not self._acquire_lora(seq):
+                blocked.append(self.waiting.popleft())
+                continue
+            # A cached prefix costs no budget: only the tokens after it are computed.
+            hits = self.kv.lookup(seq)
+            cached = len(hits) * self.kv.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.kv.admit(seq, hits, n):
+                self._release_lora(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.num_scheduled[seq] = n
             budget -= n
+        self.waiting.extendleft(reversed(blocked))
         return out
 
+    def _acquire_lora(self, seq: Sequence) -> bool:
+        name = seq.request.lora
+        if name is None or self.lora is None or seq.lora_slot is not None:
+            return True
+        seq.lora_slot = self.lora.acquire(name)
+        return seq.lora_slot is not None
+
+    def _release_lora(self, seq: Sequence) -> None:
+        if seq.lora_slot is not None and self.lora is not None:
+            self.lora.release(seq.request.lora)
+            seq.lora_slot = None
+
     def _preempt(self, seq: Sequence) -> None:
+        self._release_lora(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = Status.WAITING
@@ -88,6 +116,7 @@ class Scheduler:
         at = self.running.index(anchor) + 1
         for s in seqs:
             s.status = Status.RUNNING
+            self._acquire_lora(s)  # the parent's adapter is resident: this cannot fail
         self.running[at:at] = seqs
 
     def finish(self, seq: Sequence) -> None:
@@ -97,4 +126,5 @@ class Scheduler:
         elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+        self._release_lora(seq)
         self.kv.free(seq)

@@ -34,6 +34,9 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full token blocks
+    num_registered_blocks: int = 0  # leading blocks of the table named in the prefix cache
+    lora_slot: int | None = None  # the adapter slot it holds while running
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -78,6 +81,12 @@ class Request:
     first_scheduled_time: float | None = None
     seqs: list[Sequence] = field(default_factory=list)
     forked: bool = False  # n > 1 requests fork their samples after the prompt's prefill
+    # Prefix cache: where the block hash chain starts (namespace and adapter); None = no caching.
+    cache_root: bytes | None = None
+    max_cached_tokens: int | None = None  # the most prompt tokens this request may take from the cache
+    num_cached_tokens: int = 0  # prompt tokens it did take, at its first admission
+    admitted: bool = False  # first admitted to the running batch (and its cache lookup reported)
+    lora: str | None = None  # the LoRA adapter it runs with; None: the base model
 
     @property
     def finished(self) -> bool:

@@ -45,6 +45,7 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     block_size: int
     sliding_window: int | None = None
+    max_decode_len: int = 0  # the longest decode context, on the host (no device sync to read it)
 
     @cached_property
     def decode_masked(self) -> torch.Tensor:
@@ -106,7 +107,7 @@ def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     qg = q.view(b, hkv, hq // hkv, d).transpose(0, 1)
     if b == 1 and meta.sliding_window is None:
         # One sequence: its context is a prefix of the gathered blocks, so slice instead of masking.
-        n = int(meta.decode_context_lens[0])
+        n = meta.max_decode_len
         k, v = k[:, :, :n], v[:, :, :n]
         scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [Hkv, 1, G, n]
     else:

@@ -28,7 +28,6 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.load_hf_state_dict(load_state_dict(Path(path), dtype=torch.float32))
     model.rope.to(device)
-    model = model.to(device=device, dtype=dtype).eval()
-    if quantization is not None:
+    if quantization is not None:  # from the fp32 weights; the quantized buffers are bf16 already
         quantize_model(model, quantization)
-    return model
+    return model.to(device=device, dtype=dtype).eval()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,11 +27,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineNotReadyError, EngineOverloadedError
+from ember.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    EngineNotReadyError,
+    EngineOverloadedError,
+    LoRAOpError,
+)
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
 from ember.server import openai_format as fmt
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ember.server.protocol import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,29 @@ class ServerState:
     draining: bool = False
     in_flight: int = 0  # HTTP requests being answered, public routes aside: a drain waits for them
     embedder: object | None = None  # ember.embeddings.EmbeddingModel
+    # Prefix-cache namespaces: each API key is its own, unless listed here (key -> shared namespace name).
+    cache_namespaces: dict[str, str] = field(default_factory=dict)
+    # Never leaves the server: salts are derived from it, so no client can name another's namespace.
+    cache_secret: bytes = field(default_factory=lambda: os.urandom(32))
+    admin_key: str | None = None  # guards /v1/adapters; None: adapters cannot be changed at runtime
+    loading_adapters: bool = False  # the --lora adapters are still being loaded: not ready yet
+
+    def cache_salt(self, key: str | None) -> bytes | None:
+        """The prefix-cache namespace of a request made with `key` (as the gate accepted it); None (one
+        shared namespace) when the server has no API keys."""
+        if not self.api_keys:
+            return None
+        if key not in self.api_keys:  # cannot happen past the gate; if it ever did, share nothing
+            return os.urandom(32)
+        shared = self.cache_namespaces.get(key)
+        ident = f"namespace:{shared}" if shared is not None else f"key:{key}"
+        return hmac.new(self.cache_secret, ident.encode(), hashlib.sha256).digest()
+
+
+def bearer_key(header: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header value, or None."""
+    scheme, _, key = header.partition(" ")
+    return (key.strip() or None) if scheme.lower() == "bearer" else None
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -82,7 +113,7 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     async def ready() -> JSONResponse:
         if state.draining:
             return _error(503, "the server is draining", kind="server_error", code="draining")
-        if not engine.is_ready:
+        if not engine.is_ready or state.loading_adapters:
             why = "the model is loading" if engine.is_running else f"the engine has stopped: {engine.error}"
             return _error(503, why, kind="server_error", code="not_ready")
         return JSONResponse({"status": "ready"})
@@ -95,34 +126,69 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     async def models() -> dict:
         names = [model_name] + ([state.embedder.name] if state.embedder is not None else [])
         cards = [{"id": n, "object": "model", "created": created, "owned_by": "ember"} for n in names]
+        cards += [_adapter_card(name) for name in sorted(engine.adapters)]
         return {"object": "list", "data": cards}
 
-    def _admit(name: str) -> None:
+    def _adapter_card(name: str, path: str | None = None) -> dict:
+        # As vLLM lists LoRA modules: the adapter is a model whose parent is the base. Where it lives on
+        # the server is for the admin's listing only.
+        card = {"id": name, "object": "model", "created": created, "owned_by": "ember", "parent": model_name}
+        return card if path is None else {**card, "path": path}
+
+    @app.get("/v1/adapters")
+    async def list_adapters() -> dict:
+        return {"object": "list", "data": [_adapter_card(n, p) for n, p in sorted(engine.adapters.items())]}
+
+    @app.post("/v1/adapters")
+    async def add_adapter(body: AdapterRequest) -> dict:
+        if body.name == model_name or body.name in engine.adapters:
+            raise _Refuse(409, f"a model or adapter named '{body.name}' already exists", "adapter_exists")
+        await engine.add_lora(body.name, body.path)
+        return _adapter_card(body.name, body.path)
+
+    @app.delete("/v1/adapters/{name}")
+    async def remove_adapter(name: str) -> dict:
+        if name not in engine.adapters:
+            raise _Refuse(404, f"no LoRA adapter named '{name}' is loaded", "model_not_found")
+        await engine.remove_lora(name)
+        return {"id": name, "object": "model", "deleted": True}
+
+    def _admit(name: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 for anything else.
+        Adapters answer to their own name or to BASE:NAME."""
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if name == model_name:
-            return
+            return None
+        base, sep, rest = name.rpartition(":")  # adapter names have no ':'; a base's name may
+        if name in engine.adapters:
+            return name
+        if sep and base == model_name and rest in engine.adapters:
+            return rest
         if state.embedder is not None and name == state.embedder.name:
             raise InvalidRequest(f"'{name}' is an embedding model; use /v1/embeddings", param="model")
-        raise _Refuse(404, f"model '{name}' does not exist; available: {model_name}", "model_not_found")
+        known = ", ".join([model_name, *sorted(engine.adapters)])
+        raise _Refuse(404, f"model '{name}' does not exist; available: {known}", "model_not_found")
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        _admit(body.model)
+        lora = _admit(body.model)
         body.check_supported()
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         # Templates render off the event loop: a long history takes a while.
         prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
         top = body.requested_logprobs()
         params = body.sampling_params(None, top)
-        return await _respond(engine, request, body, [prompt_ids], params, chat=True, top=top)
+        return await _respond(engine, request, body, [prompt_ids], params, True, top, state, lora)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        _admit(body.model)
+        lora = _admit(body.model)
         body.check_supported()
         params = body.sampling_params(16, body.logprobs)
-        return await _respond(engine, request, body, body.prompts(), params, chat=False, top=body.logprobs)
+        return await _respond(
+            engine, request, body, body.prompts(), params, False, body.logprobs, state, lora
+        )
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
@@ -208,6 +274,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _template(_: Request, exc: jinja2.TemplateError) -> JSONResponse:
         return _error(400, f"the model's chat template refused these messages: {exc}", param="messages")
 
+    @app.exception_handler(LoRAOpError)
+    async def _lora(_: Request, exc: LoRAOpError) -> JSONResponse:
+        codes = {400: "invalid_adapter", 404: "model_not_found", 409: "adapter_in_use"}
+        return _error(
+            exc.status, str(exc), param="path" if exc.status == 400 else "name", code=codes.get(exc.status)
+        )
+
     @app.exception_handler(EngineOverloadedError)
     async def _overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
         return _error(429, str(exc), code="rate_limit_exceeded", kind="rate_limit_error")
@@ -253,7 +326,16 @@ class _Gate:
         if not public:
             self.state.in_flight += 1
         try:
-            if self.state.api_keys and not public and not self._authorized(scope):
+            if scope["path"] == "/v1/adapters" or scope["path"].startswith("/v1/adapters/"):
+                refusal = self._admin_refusal(scope)
+                if refusal is not None:
+                    await refusal(scope, receive, send_counted)
+                    return
+                await self.app(scope, receive, send_counted)
+                return
+            key = self._key(scope)
+            scope.setdefault("state", {})["api_key"] = key  # the handlers read it as request.state.api_key
+            if self.state.api_keys and not public and key is None:
                 response = _error(
                     401,
                     "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
@@ -268,19 +350,61 @@ class _Gate:
             route = scope.get("route")
             self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
 
-    def _authorized(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            return False
-        return any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.state.api_keys)
+    def _admin_refusal(self, scope) -> JSONResponse | None:
+        """None if the request carries the admin key; otherwise the 401 or 403 to answer."""
+        admin = self.state.admin_key
+        if admin is None:
+            return _error(
+                403,
+                "adapters cannot be changed at runtime: start the server with --admin-key",
+                code="admin_disabled",
+                kind="permission_error",
+            )
+        headers = [v for k, v in scope["headers"] if k == b"authorization"]
+        key = bearer_key(headers[0].decode("latin-1")) if len(headers) == 1 else None
+        if key is not None and hmac.compare_digest(key.encode(), admin.encode()):
+            return None
+        if key is not None and any(
+            hmac.compare_digest(key.encode(), k.encode()) for k in self.state.api_keys
+        ):
+            return _error(
+                403,
+                "this API key may not manage adapters; use the admin key",
+                code="forbidden",
+                kind="permission_error",
+            )
+        return _error(
+            401,
+            "adapter management needs the admin key as 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+
+    def _key(self, scope) -> str | None:
+        """The configured API key this request presents, or None. One header only: a request with
+        several Authorization headers is refused, so no two readers can see different keys."""
+        headers = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(headers) != 1:
+            return None
+        key = bearer_key(headers[0].decode("latin-1"))
+        if key is None:
+            return None
+        match = [k for k in self.state.api_keys if hmac.compare_digest(key.encode(), k.encode())]
+        return match[0] if match else None
 
 
 # -- generation ------------------------------------------------------------------------------------------
 
 
 async def _respond(
-    engine: AsyncEngine, http: Request, body, prompts: list, params, chat: bool, top: int | None
+    engine: AsyncEngine,
+    http: Request,
+    body,
+    prompts: list,
+    params,
+    chat: bool,
+    top: int | None,
+    state: ServerState,
+    lora: str | None = None,
 ):
     total = len(prompts) * params.n
     if engine.max_pending is not None and total > engine.max_pending:
@@ -292,7 +416,12 @@ async def _respond(
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
-    streams = [engine.generate(p, params, request_id=i) for p, i in zip(prompts, ids, strict=True)]
+    salt = state.cache_salt(getattr(http.state, "api_key", None))
+    cache_cap = body.prompt_cache_max_len
+    streams = [
+        engine.generate(p, params, request_id=i, cache_salt=salt, max_cached_tokens=cache_cap, lora=lora)
+        for p, i in zip(prompts, ids, strict=True)
+    ]
     try:
         # The first output of each prompt before answering: a refused request gets a plain 4xx, not a broken stream.
         firsts = await _unless_disconnected(http, _firsts(streams))

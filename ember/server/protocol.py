@@ -61,6 +61,8 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    # As Fireworks names it: the most prompt tokens taken from the prefix cache; 0 opts out of it.
+    prompt_cache_max_len: int | None = Field(default=None, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -230,3 +232,11 @@ class EmbeddingRequest(_Body):
             if not item:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
         return items
+
+
+class AdapterRequest(BaseModel):
+    """POST /v1/adapters: load a PEFT LoRA adapter from a directory on the server."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    path: str = Field(min_length=1)

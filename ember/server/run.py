@@ -28,6 +28,10 @@ class ServeOptions:
     port: int = 8000
     model_name: str | None = None  # what clients call it; default: the --model value
     api_keys: list[str] = field(default_factory=list)
+    # Prefix-cache namespaces shared by several keys: name -> keys (every other key is its own).
+    cache_namespaces: dict[str, list[str]] = field(default_factory=dict)
+    loras: dict[str, str] = field(default_factory=dict)  # adapters loaded at start: name -> path
+    admin_key: str | None = None  # guards runtime adapter management (/v1/adapters)
     max_queue: int = 256
     shutdown_timeout: float = 30.0
     embedding_model: str | None = "all-minilm-l6-v2"
@@ -41,16 +45,58 @@ class ServeOptions:
             raise ValueError(f"--shutdown-timeout must be >= 0 seconds (got {self.shutdown_timeout})")
         if any(not k.strip() for k in self.api_keys):
             raise ValueError("--api-key must not be empty")
+        if self.admin_key is not None and (not self.admin_key.strip() or self.admin_key in self.api_keys):
+            raise ValueError("--admin-key must be non-empty and differ from every --api-key")
+        seen: dict[str, str] = {}
+        for name, keys in self.cache_namespaces.items():
+            for key in keys:
+                if key not in self.api_keys:
+                    raise ValueError(f"--cache-namespace {name}: '{key}' is not one of the --api-key values")
+                if key in seen:
+                    raise ValueError(f"--cache-namespace: key '{key}' is in both {seen[key]} and {name}")
+                seen[key] = name
+
+    @staticmethod
+    def parse_loras(specs: list[str]) -> dict[str, str]:
+        """['name=path', ...] -> {'name': 'path'}"""
+        out: dict[str, str] = {}
+        for spec in specs:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--lora takes NAME=PATH (got '{spec}')")
+            if name.strip() in out:
+                raise ValueError(f"--lora: '{name.strip()}' is given twice")
+            out[name.strip()] = path.strip()
+        return out
+
+    @staticmethod
+    def parse_namespaces(specs: list[str]) -> dict[str, list[str]]:
+        """['team-a=key1,key2', ...] -> {'team-a': ['key1', 'key2']}"""
+        out: dict[str, list[str]] = {}
+        for spec in specs:
+            name, sep, keys = spec.partition("=")
+            listed = [k.strip() for k in keys.split(",") if k.strip()]
+            if not sep or not name.strip() or not listed:
+                raise ValueError(f"--cache-namespace takes NAME=KEY1,KEY2,... (got '{spec}')")
+            out.setdefault(name.strip(), []).extend(listed)
+        return out
 
 
 class DrainingServer(uvicorn.Server):
     def __init__(
-        self, config: uvicorn.Config, engine: AsyncEngine, state: ServerState, shutdown_timeout: float
+        self,
+        config: uvicorn.Config,
+        engine: AsyncEngine,
+        state: ServerState,
+        shutdown_timeout: float,
+        loras: dict[str, str] | None = None,
     ):
         super().__init__(config)
         self.engine = engine
         self.state = state
         self.shutdown_timeout = shutdown_timeout
+        self.loras = loras or {}
+        self.failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:
@@ -93,9 +139,14 @@ class DrainingServer(uvicorn.Server):
         """Stop serving if the engine fails to load: a server that can never answer should not linger."""
         try:
             await self.engine.wait_ready()
+            for name, path in self.loras.items():
+                await self.engine.add_lora(name, path)
+                log.info("LoRA adapter '%s' loaded from %s", name, path)
+            self.state.loading_adapters = False
             log.info("engine ready")
         except Exception as exc:
             log.error("%s", exc)
+            self.failed = True
             self.should_exit = True
 
 
@@ -107,7 +158,16 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         from ember.embeddings import EmbeddingModel
 
         embedder = EmbeddingModel.load(options.embedding_model)
-    state = ServerState(api_keys=list(options.api_keys), embedder=embedder)
+    if (options.model_name or config.model) in options.loras:
+        raise ValueError(f"--lora: '{options.model_name or config.model}' is the base model's own name")
+    shared = {key: name for name, keys in options.cache_namespaces.items() for key in keys}
+    state = ServerState(
+        api_keys=list(options.api_keys),
+        embedder=embedder,
+        cache_namespaces=shared,
+        loading_adapters=bool(options.loras),
+        admin_key=options.admin_key,
+    )
     app = create_app(engine, options.model_name or config.model, state)
     if not options.api_keys:
         log.warning(
@@ -120,10 +180,10 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         log_level=options.log_level,
         timeout_graceful_shutdown=5,
     )
-    server = DrainingServer(uv, engine, state, options.shutdown_timeout)
+    server = DrainingServer(uv, engine, state, options.shutdown_timeout, options.loras)
     try:
         server.run()
     finally:
         engine.shutdown()
     failed = engine.error is not None and engine.error != "the engine was shut down"
-    return 1 if failed or not server.started else 0
+    return 1 if failed or server.failed or not server.started else 0

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from ember.bench.serving.client import RequestRecord, error_message, request_body, send
+from ember.bench.serving.metrics import compute_metrics
 from ember.bench.serving.workloads import Request
 
 
@@ -64,6 +65,15 @@ def test_usage_on_the_last_token_chunk_is_read_too():
     body = _sse(_chunk("a"), _chunk("b", usage=USAGE), "[DONE]")
     r = _run(lambda req: httpx.Response(200, content=body))
     assert (r.output_tokens, r.num_chunks, r.tokens_from_usage) == (5, 2, True)
+
+
+def test_cached_prompt_tokens_are_read_from_usage_details():
+    usage = {**USAGE, "prompt_tokens_details": {"cached_tokens": 48}}
+    body = _sse(_chunk("a"), {"choices": [], "usage": usage}, "[DONE]")
+    r = _run(lambda req: httpx.Response(200, content=body))
+    assert r.cached_tokens == 48
+    m = compute_metrics([r], duration=1.0)
+    assert m.total_cached == 48 and m.prefix_hit_rate == pytest.approx(48 / r.input_tokens)
 
 
 def test_without_usage_tokens_fall_back_to_chunks_and_say_so():

@@ -8,7 +8,9 @@ from ember.engine.kv_cache import KVCacheManager
 
 
 def _seq(computed: int = 0):
-    return SimpleNamespace(num_computed_tokens=computed, block_table=[])
+    return SimpleNamespace(
+        num_computed_tokens=computed, block_table=[], block_hashes=[], num_registered_blocks=0
+    )
 
 
 def test_allocates_blocks_by_need_and_frees_them():

@@ -182,6 +182,22 @@ def test_logprobs_with_top_alternatives(default_llm, reference_reply):
     )
 
 
+def test_logprobs_land_on_their_own_rows_in_a_mixed_batch():
+    """Rows that asked for logprobs get theirs, rows that did not get none, whatever the order."""
+    logits = torch.log_softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    wants = [None, 2, None, 0]
+    seqs = [_fake_seq(SamplingParams(temperature=0, logprobs=k)) for k in wants]
+    result = sample(logits, seqs)
+    for row, k in enumerate(wants):
+        if k is None:
+            assert result.logprobs[row] is None and result.chosen_logprobs[row] is None
+        else:
+            token = result.token_ids[row]
+            assert token == int(logits[row].argmax())
+            assert result.logprobs[row][token].logprob == pytest.approx(float(logits[row, token]), abs=1e-5)
+            assert len(result.logprobs[row]) == max(k, 1)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -10,12 +10,29 @@ from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Status
 
 
+@dataclass
+class FakeRequest:
+    cache_root: bytes | None = None  # not in the prefix cache
+    max_cached_tokens: int | None = None
+    num_cached_tokens: int = 0
+    admitted: bool = False
+    lora: str | None = None
+
+
 @dataclass(eq=False)  # hashable by identity, as the engine's Sequence
 class FakeSeq:
     num_tokens: int
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    lora_slot: int | None = None
+    request: FakeRequest = field(default_factory=FakeRequest)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_tokens
 
 
 def _seq(num_tokens: int) -> FakeSeq:

@@ -53,7 +53,7 @@ def test_int8_linear_matches_float_math():
 def test_int4_needs_bfloat16_on_cpu():
     with pytest.raises(ValueError, match="bfloat16"):
         LLM(model="unused", quantization="int4")
-    with pytest.raises(ValueError, match="int4 or none"):
+    with pytest.raises(ValueError, match="int4, int8 or none"):
         LLM(model="unused", dtype="bfloat16", quantization="int3")
 
 
@@ -64,17 +64,19 @@ def test_quantized_engine_equals_float_engine_on_the_same_quantized_weights(rand
     quant = LLM(model=path, dtype="bfloat16", quantization="int4", kv_cache_memory="32MiB")
     ref = LLM(model=path, dtype="bfloat16", kv_cache_memory="32MiB")
     model = ref.engine.model
+    # The loader quantizes from the checkpoint's fp32 weights, so the reference grid comes from them too.
+    source = LLM(model=path, dtype="float32", kv_cache_memory="8MiB").engine.model
+
+    def projections(m):
+        for layer in m.layers:
+            yield from (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj)
+            yield layer.mlp.down_proj
+
     with torch.no_grad():
-        for layer in model.layers:
-            for proj in (
-                layer.self_attn.qkv_proj,
-                layer.self_attn.o_proj,
-                layer.mlp.gate_up_proj,
-                layer.mlp.down_proj,
-            ):
-                proj.weight.copy_(dequantize_int4(*quantize_int4(proj.weight.float())))
+        for proj, src in zip(projections(model), projections(source), strict=True):
+            proj.weight.copy_(dequantize_int4(*quantize_int4(src.weight)))
         # The int8 LM head, as Int8Linear rounds it.
-        head = Int8Linear(model.lm_head)
+        head = Int8Linear(source.lm_head)
         w = head.weight_int8.float() * head.scale.float()[:, None]
         if model.lm_head.weight is model.embed_tokens.weight:
             model.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
@@ -96,6 +98,47 @@ def test_quantized_engine_equals_float_engine_on_the_same_quantized_weights(rand
             compared += 1
     assert same_top >= 0.9 * len(prefixes)
     assert compared >= 3 * len(prefixes)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2-bias"])
+def test_int8_engine_equals_float_engine_on_the_same_int8_weights(random_model_dirs, kind):
+    """int8 in a float32 model: decode steps round activations to bfloat16 for the packed kernel, prefill
+    runs the dense fp32 copy; both agree with fp32 math on the int8 grid."""
+    path = str(random_model_dirs[kind])
+    quant = LLM(model=path, quantization="int8", kv_cache_memory="32MiB")
+    ref = LLM(model=path, kv_cache_memory="32MiB")
+    model = ref.engine.model
+    with torch.no_grad():
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                q = Int8Linear(proj)
+                proj.weight.copy_(q.weight_int8.float() * q.scale.float()[:, None])
+        q = Int8Linear(model.lm_head)
+        w = q.weight_int8.float() * q.scale.float()[:, None]
+        if model.lm_head.weight is model.embed_tokens.weight:
+            model.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        model.lm_head.weight.copy_(w)
+    assert isinstance(quant.engine.model.layers[0].mlp.down_proj, Int8Linear)
+    prompts = [[5, 17, 300 + i, 42, 7 * i + 1] * (i + 1) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
+    same, compared = 0, 0
+    for a, b in zip(ref.generate(prompts, params), quant.generate(prompts, params), strict=True):
+        # Along each run's common greedy prefix, the next-token distributions agree to bf16 rounding.
+        for want, got, ta, tb in zip(
+            a.outputs[0].logprobs,
+            b.outputs[0].logprobs,
+            a.outputs[0].token_ids,
+            b.outputs[0].token_ids,
+            strict=True,
+        ):
+            for t in set(want) & set(got):
+                assert abs(want[t].logprob - got[t].logprob) < 0.15
+                compared += 1
+            if ta != tb:
+                break
+            same += 1
+    assert same >= 0.75 * 6 * len(prompts) and compared >= 3 * len(prompts)
 
 
 @pytest.mark.slow

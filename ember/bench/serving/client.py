@@ -31,6 +31,7 @@ class RequestRecord:
     start_time: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (usage, where reported)
     ttft: float | None = None
     e2el: float | None = None
     itl: list[float] = field(default_factory=list)
@@ -114,6 +115,8 @@ async def send(
     if usage is not None and usage.get("completion_tokens") is not None:
         record.output_tokens = int(usage["completion_tokens"])
         record.input_tokens = int(usage.get("prompt_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        record.cached_tokens = int(details.get("cached_tokens") or 0)
     else:
         record.tokens_from_usage = False
         record.output_tokens = record.num_chunks  # input_tokens keeps the workload's count

@@ -57,6 +57,12 @@ class Metrics:
     itl: Stats
     e2el: Stats
     usage_fallbacks: int  # completed requests whose output tokens were counted from chunks, not usage
+    total_cached: int = 0  # prompt tokens served from the server's prefix cache, as its usage says
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of prompt tokens the server did not have to compute."""
+        return self.total_cached / self.total_input if self.total_input else 0.0
 
 
 def tpot(record: RequestRecord) -> float | None:
@@ -117,4 +123,5 @@ def compute_metrics(
         itl=Stats.of(lat["itl"]),
         e2el=Stats.of(lat["e2el"]),
         usage_fallbacks=sum(1 for r in done if not r.tokens_from_usage),
+        total_cached=sum(r.cached_tokens for r in done),
     )

@@ -45,6 +45,8 @@ def metrics_table(results: Sequence[BenchResult], labels: Sequence[str] | None =
     row("duration (s)", [m.duration for m in ms])
     row("total input tokens", [str(m.total_input) for m in ms])
     row("total output tokens", [str(m.total_output) for m in ms])
+    if any(m.total_cached for m in ms):
+        row("cached prompt tokens", [f"{m.total_cached} ({m.prefix_hit_rate:.0%})" for m in ms])
     row("request throughput (req/s)", [m.request_throughput for m in ms])
     if any(m.goodput is not None for m in ms):
         row("goodput (req/s)", [m.goodput for m in ms])

@@ -1,0 +1,1 @@
+"""LoRA adapters: PEFT-format loading and validation, and the slots they are served from."""

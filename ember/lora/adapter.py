@@ -1,0 +1,213 @@
+"""A LoRA adapter in PEFT's format, read and checked against the base model before anything uses it.
+
+PEFT saves `adapter_config.json` and `adapter_model.safetensors`, whose tensors are named
+`base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`, A [r, in] and B [out, r].
+The delta a module adds is `scaling * B @ A @ x`, with scaling `lora_alpha / r` (`lora_alpha / sqrt(r)`
+under rsLoRA). Everything that could go wrong at request time is checked here instead: the format (no
+pickles), the target modules, every shape against the base, the rank against the configured maximum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ember.models.config import ModelConfig
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+MODULES = ATTENTION_MODULES + MLP_MODULES
+MAX_ADAPTER_BYTES = 2**30  # an adapter file larger than this is refused before it is read
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
+)
+_PICKLES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; the message says why (the server answers 400)."""
+
+
+def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each LoRA-able module of the base model."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {
+        "q_proj": (cfg.q_size, h),
+        "k_proj": (cfg.kv_size, h),
+        "v_proj": (cfg.kv_size, h),
+        "o_proj": (h, cfg.q_size),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    path: Path
+    rank: int
+    scaling: float
+    # (layer, module) -> (A [r, in], B [out, r] with the scaling folded in), on the host in fp32.
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    base_model: str | None = None
+    uid: str = ""  # unique per load: the prefix cache keys on it, so a re-added name starts afresh
+
+    @property
+    def modules(self) -> set[str]:
+        return {m for _, m in self.weights}
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values()
+        )
+
+    @classmethod
+    def load(cls, name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise AdapterError(f"adapter '{name}': {path} is not a directory")
+        config_file = path / "adapter_config.json"
+        if not config_file.is_file():
+            raise AdapterError(f"adapter '{name}': no adapter_config.json in {path}")
+        weights_file = path / "adapter_model.safetensors"
+        if not weights_file.is_file():
+            pickled = [p for p in _PICKLES if (path / p).exists()]
+            if pickled:
+                raise AdapterError(
+                    f"adapter '{name}': {pickled[0]} is a pickle, which ember never loads (it can run code); "
+                    "save the adapter with safetensors (PEFT's default)"
+                )
+            raise AdapterError(f"adapter '{name}': no adapter_model.safetensors in {path}")
+        if weights_file.stat().st_size > MAX_ADAPTER_BYTES:
+            raise AdapterError(
+                f"adapter '{name}': {weights_file.stat().st_size} bytes, more than the {MAX_ADAPTER_BYTES} allowed"
+            )
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise AdapterError(f"adapter '{name}': cannot read adapter_config.json ({exc})") from None
+        if not isinstance(config, dict):
+            raise AdapterError(f"adapter '{name}': adapter_config.json must hold a JSON object")
+        rank, scaling, targets = _check_config(name, config, max_rank)
+        try:
+            tensors = load_file(str(weights_file))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"adapter '{name}': cannot read adapter_model.safetensors ({exc})") from None
+        weights = _collect(name, tensors, cfg, rank, scaling, targets)
+        return cls(name, path, rank, scaling, weights, config.get("base_model_name_or_path"))
+
+
+def _check_config(name: str, config: dict, max_rank: int) -> tuple[int, float, set[str]]:
+    def refuse(why: str) -> AdapterError:
+        return AdapterError(f"adapter '{name}': {why}")
+
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise refuse(f"peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise refuse(f"r must be a positive integer (got {rank!r})")
+    if rank > max_rank:
+        raise refuse(f"rank {rank} exceeds this server's maximum LoRA rank ({max_rank}; see --max-lora-rank)")
+    alpha = config.get("lora_alpha", 8)  # PEFT's default
+    if (
+        not isinstance(alpha, int | float)
+        or isinstance(alpha, bool)
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise refuse(f"lora_alpha must be a positive number (got {alpha!r})")
+    for key, why in (
+        ("use_dora", "DoRA"),
+        ("fan_in_fan_out", "fan_in_fan_out weights"),
+        ("rank_pattern", "per-module ranks (rank_pattern)"),
+        ("alpha_pattern", "per-module alphas (alpha_pattern)"),
+        ("modules_to_save", "fully trained extra modules (modules_to_save)"),
+    ):
+        if config.get(key):
+            raise refuse(f"{why} are not supported")
+    if config.get("bias", "none") != "none":
+        raise refuse(f"bias={config['bias']!r} is not supported (only 'none')")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        # PEFT allows a regex, matched in full against module paths: take the module names it can mean
+        # (the tensors in the file then say which layers).
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise refuse(f"target_modules is not a valid regular expression ({exc})") from None
+        targets = sorted(
+            m
+            for m in MODULES
+            for layer in range(64)
+            for group in ("self_attn", "mlp")
+            if pattern.fullmatch(f"model.layers.{layer}.{group}.{m}")
+        )
+    if not targets or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise refuse("target_modules must be a non-empty list of module names (or a regex)")
+    unknown = sorted({t.rsplit(".", 1)[-1] for t in targets} - set(MODULES))
+    if unknown:
+        raise refuse(f"target modules {unknown} are not LoRA-able here; known: {', '.join(MODULES)}")
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return rank, float(scaling), {t.rsplit(".", 1)[-1] for t in targets}
+
+
+def _collect(
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    rank: int,
+    scaling: float,
+    targets: set[str],
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    shapes = module_shapes(cfg)
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterError(
+                f"adapter '{name}': unexpected tensor '{key}' (not a LoRA weight of a decoder layer)"
+            )
+        layer, group, module, half = int(m[1]), m[2], m[3], m[4]
+        if module not in shapes or (group == "self_attn") != (module in ATTENTION_MODULES):
+            raise AdapterError(f"adapter '{name}': '{key}' names no module of this base model")
+        if layer >= cfg.num_hidden_layers:
+            raise AdapterError(
+                f"adapter '{name}': '{key}' is for layer {layer}; the base model has {cfg.num_hidden_layers}"
+            )
+        if not tensor.is_floating_point():
+            raise AdapterError(f"adapter '{name}': '{key}' has dtype {tensor.dtype}, not a float type")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"adapter '{name}': '{key}' holds NaN or infinite values")
+        pair = halves.setdefault((layer, module), {})
+        if half in pair:
+            raise AdapterError(f"adapter '{name}': layer {layer} {module} has two lora_{half} tensors")
+        pair[half] = tensor
+    if not halves:
+        raise AdapterError(f"adapter '{name}': adapter_model.safetensors holds no LoRA weights")
+    weights = {}
+    for (layer, module), pair in sorted(halves.items()):
+        where = f"layer {layer} {module}"
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(
+                f"adapter '{name}': {where} has lora_{'A' if 'A' in pair else 'B'} without its pair"
+            )
+        if module not in targets:
+            raise AdapterError(f"adapter '{name}': {where} has weights but is not in target_modules")
+        a, b = pair["A"], pair["B"]
+        out, inp = shapes[module]
+        if tuple(a.shape) != (rank, inp) or tuple(b.shape) != (out, rank):
+            raise AdapterError(
+                f"adapter '{name}': {where} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; this base "
+                f"model needs ({rank}, {inp}) and ({out}, {rank}) — is it an adapter for another model?"
+            )
+        weights[(layer, module)] = (a.float().contiguous(), (b.float() * scaling).contiguous())
+    return weights

@@ -1,0 +1,120 @@
+"""LoRA deltas applied per token, by adapter slot, in one forward pass: the plain-PyTorch reference path.
+
+Each LoRA-able projection is wrapped in a LoRALinear holding, for each sub-module it fuses (q, k and v in
+qkv_proj; gate and up in gate_up_proj), the A and B of every adapter slot, stacked: A [slots, r_max, in],
+B [slots, out, r_max] (zero-padded to the maximum rank, scaling folded into B). A step's tokens carry a
+slot id each; the rows of one slot form a segment, and each segment adds `(x @ A.T) @ B.T` to its rows of
+the projection's output slice. Tokens with no adapter get nothing added, so the bare base model and any
+mix of adapters share a batch. A GPU kernel (gather + batched matmul in one launch) can replace the
+segment loop later without changing this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoRABatch:
+    """The step's tokens grouped by adapter slot: (slot, row indices) for every slot with tokens."""
+
+    segments: list[tuple[int, torch.Tensor]]
+
+
+@dataclass
+class LoRAContext:
+    """Shared by every LoRALinear of a model: the model runner sets `batch` before each forward."""
+
+    num_slots: int
+    max_rank: int
+    batch: LoRABatch | None = None
+    # slot -> the sub-module names that slot's adapter has weights for (others add nothing)
+    present: list[set[str]] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)  # slot -> its adapter's rank (the rest is padding)
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self, base: nn.Module, parts: list[tuple[str, int, int]], in_features: int, ctx: LoRAContext
+    ):
+        """parts: (module name, first output column, width) of each sub-module fused in `base`."""
+        super().__init__()
+        self.base = base
+        self.parts = parts
+        self.ctx = ctx
+        for name, _, width in parts:
+            self.register_buffer(f"A_{name}", torch.zeros(ctx.num_slots, ctx.max_rank, in_features))
+            self.register_buffer(f"B_{name}", torch.zeros(ctx.num_slots, width, ctx.max_rank))
+
+    def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Load (A [r, in], B [out, r]) per sub-module into a slot; sub-modules not given get zeros."""
+        for name, _, _ in self.parts:
+            a_all, b_all = getattr(self, f"A_{name}"), getattr(self, f"B_{name}")
+            a_all[slot].zero_()
+            b_all[slot].zero_()
+            if name in weights:
+                a, b = weights[name]
+                a_all[slot, : a.shape[0]] = a.to(a_all.dtype)
+                b_all[slot, :, : b.shape[1]] = b.to(b_all.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.ctx.batch
+        if batch is None:
+            return y
+        for slot, rows in batch.segments:
+            present, r = self.ctx.present[slot], self.ctx.ranks[slot]
+            xs = x.index_select(0, rows)
+            for name, start, width in self.parts:
+                if name not in present:
+                    continue
+                a, b = getattr(self, f"A_{name}")[slot, :r], getattr(self, f"B_{name}")[slot, :, :r]
+                delta = (xs @ a.t()) @ b.t()
+                y[:, start : start + width].index_add_(0, rows, delta.to(y.dtype))
+        return y
+
+
+def enable_lora(model: nn.Module, num_slots: int, max_rank: int) -> LoRAContext:
+    """Wrap every LoRA-able projection of a Llama-family model; returns the context the runner drives."""
+    cfg = model.config
+    ctx = LoRAContext(num_slots, max_rank, present=[set() for _ in range(num_slots)], ranks=[0] * num_slots)
+    q, kv, h, i = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
+    dtype = model.embed_tokens.weight.dtype
+    device = model.embed_tokens.weight.device
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = LoRALinear(
+            attn.qkv_proj, [("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h, ctx
+        )
+        attn.o_proj = LoRALinear(attn.o_proj, [("o_proj", 0, h)], q, ctx)
+        mlp.gate_up_proj = LoRALinear(mlp.gate_up_proj, [("gate_proj", 0, i), ("up_proj", i, i)], h, ctx)
+        mlp.down_proj = LoRALinear(mlp.down_proj, [("down_proj", 0, h)], i, ctx)
+        for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            for name, buf in list(proj.named_buffers(recurse=False)):
+                setattr(proj, name, buf.to(device=device, dtype=dtype))
+    model.lora = ctx
+    return ctx
+
+
+def load_slot(
+    model: nn.Module, slot: int, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Put an adapter's weights ((layer, module) -> (A, B)) into a slot of every wrapped projection."""
+    by_layer: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for (layer, module), ab in weights.items():
+        by_layer.setdefault(layer, {})[module] = ab
+    with torch.no_grad():
+        for index, layer in enumerate(model.layers):
+            mine = by_layer.get(index, {})
+            for proj in (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            ):
+                proj.set_slot(slot, mine)
+    model.lora.present[slot] = {module for _, module in weights}
+    model.lora.ranks[slot] = max((a.shape[0] for a, _ in weights.values()), default=0)
