@@ -81,7 +81,7 @@ def test_adapters_are_models_listed_with_their_base(lora_server):
     assert metric(url, 'ember:lora_requests_total{adapter="qv4"}', USER) >= 2
 
 
-def test_only_the_admin_key_manages_adapters(lora_server):
+def test_only_the_admin_key_manages_adapters(lora_server, random_model_dirs):
     url, _, _, root = lora_server
     assert _load(url, "x", root / "all8", headers=USER).status_code == 403
     assert _load(url, "x", root / "all8", headers={}).status_code == 401
@@ -97,6 +97,12 @@ def test_only_the_admin_key_manages_adapters(lora_server):
     (pickled / "adapter_model.bin").write_bytes((root / "evil.bin").read_bytes())
     refused = _load(url, "pickled", pickled)
     assert refused.status_code == 400 and "pickle" in refused.json()["error"]["message"]
+    # An adapter made for another base (the Qwen2 model: other k/v widths) is refused with the shapes.
+    other = root / "other-base"
+    if not other.exists():
+        _build(random_model_dirs["qwen2-bias"], other, 4, 8, ["q_proj", "k_proj"], False, seed=9)
+    wrong = _load(url, "other", other)
+    assert wrong.status_code == 400 and "another model" in wrong.json()["error"]["message"]
     assert _load(url, "qv4", root / "qv4").status_code == 409  # the name is taken
     assert httpx.delete(url + "/v1/adapters/nope", headers=ADMIN).status_code == 404
     listed = httpx.get(url + "/v1/adapters", headers=ADMIN).json()["data"]
