@@ -95,6 +95,9 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(torch.bfloat16))
+        # What the packed kernel reads, kept out of the buffers: a float32 model's `.to()` converts those,
+        # and converting back on every decode call would add an op per layer to the hot path.
+        self.kernel_scale = self.scale.clone()
         self.register_buffer(
             "dense", (self.weight_int8.float() * self.scale.float()[:, None]).to(torch.bfloat16)
         )
@@ -104,9 +107,9 @@ class Int8Linear(nn.Module):
         if x.shape[0] > DENSE_ABOVE_ROWS:
             return F.linear(x, self.dense, self.bias)
         # The packed kernel is fast with bfloat16 activations only (an fp32 model rounds them for it).
-        y = torch.ops.aten._weight_int8pack_mm(
-            x.to(torch.bfloat16), self.weight_int8, self.scale.to(torch.bfloat16)
-        ).to(x.dtype)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight_int8, self.kernel_scale).to(
+            x.dtype
+        )
         return y if self.bias is None else y + self.bias
 
 

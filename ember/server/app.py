@@ -360,8 +360,7 @@ class _Gate:
                 code="admin_disabled",
                 kind="permission_error",
             )
-        headers = [v for k, v in scope["headers"] if k == b"authorization"]
-        key = bearer_key(headers[0].decode("latin-1")) if len(headers) == 1 else None
+        key = _presented_key(scope)
         if key is not None and hmac.compare_digest(key.encode(), admin.encode()):
             return None
         if key is not None and any(
@@ -380,16 +379,19 @@ class _Gate:
         )
 
     def _key(self, scope) -> str | None:
-        """The configured API key this request presents, or None. One header only: a request with
-        several Authorization headers is refused, so no two readers can see different keys."""
-        headers = [v for k, v in scope["headers"] if k == b"authorization"]
-        if len(headers) != 1:
-            return None
-        key = bearer_key(headers[0].decode("latin-1"))
+        """The configured API key this request presents, or None."""
+        key = _presented_key(scope)
         if key is None:
             return None
         match = [k for k in self.state.api_keys if hmac.compare_digest(key.encode(), k.encode())]
         return match[0] if match else None
+
+
+def _presented_key(scope) -> str | None:
+    """The bearer key of the request's Authorization header, or None. One header only: a request with
+    several is refused, so no two readers can see different keys."""
+    headers = [v for k, v in scope["headers"] if k == b"authorization"]
+    return bearer_key(headers[0].decode("latin-1")) if len(headers) == 1 else None
 
 
 # -- generation ------------------------------------------------------------------------------------------
