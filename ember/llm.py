@@ -90,7 +90,13 @@ class LLM:
         bar = tqdm(total=len(request_ids), desc="generating", disable=not use_tqdm)
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for _, error in self.engine.poll_grammars():
+                    if error is not None:
+                        raise error  # a refused grammar refuses the batch, as a bad prompt would
+                outs = self.engine.step()
+                if self.engine.last_step_idle:
+                    self.engine.wait_for_grammars(0.01)
+                for out in outs:
                     if out.finished:
                         final[out.request_id] = out
                         bar.update(1)

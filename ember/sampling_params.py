@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.engine.structured import StructuredOutputs
+
 _MAX_LOGPROBS = 20
 
 
@@ -27,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top alternatives per token; 0: only the chosen token's logprob
     skip_special_tokens: bool = True
+    structured: StructuredOutputs | None = None  # a grammar the output must follow
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class SamplingParams:
         for ok, name, why in checks:
             if not ok:
                 raise ValueError(f"{name} {why} (got {getattr(self, name)!r})")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise ValueError(f"structured must be a StructuredOutputs (got {type(self.structured).__name__})")
         for token, bias in (self.logit_bias or {}).items():
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias for token {token} must be in [-100, 100] (got {bias})")

@@ -413,8 +413,12 @@ class AsyncEngine:
                 if s.logprobs is not None and su.new_logprobs:
                     s.logprobs.append(su.new_logprobs[k])
                     s.cumulative_logprob += su.new_logprobs[k][token].logprob
-                if k == len(su.new_token_ids) - 1 and su.finish_reason == "stop":
-                    break  # EOS or a stop token ended it: not part of the text
+                if (
+                    k == len(su.new_token_ids) - 1
+                    and su.finish_reason == "stop"
+                    and self._ends(token, t.params)
+                ):
+                    break  # EOS or a stop token ended it: not part of the text (a grammar's last token is)
                 matched = s.detok.append([token], len(s.token_ids) >= t.params.min_tokens)
                 if matched is not None:
                     s.finish_reason, s.stop_reason = "stop", matched
@@ -434,6 +438,10 @@ class AsyncEngine:
                     del self._tracked[t.request_id]
         if not _call(t.loop, t.queue.put_nowait, out):
             self.abort(t.request_id)  # its event loop is gone: nobody will read it
+
+    def _ends(self, token: int, params: SamplingParams) -> bool:
+        """Whether `token` is one that ends a sample without being part of its text."""
+        return token in params.stop_token_ids or (not params.ignore_eos and token in self.info.eos_token_ids)
 
     def _observe(self, t: _Tracked, u: RequestUpdate, now: float, new_tokens: int) -> None:
         m = self.metrics

@@ -11,7 +11,7 @@ import logging
 import multiprocessing
 import queue
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ember.config import EngineConfig
 from ember.engine.llm_engine import LLMEngine
@@ -83,6 +83,7 @@ class Ready:
     num_blocks: int
     block_size: int
     lora_enabled: bool = False
+    eos_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +135,8 @@ class Dead:
 
 # Seconds an idle core waits for a command before checking that its parent is still there.
 _IDLE_POLL_S = 1.0
+# Seconds a core with only grammar-waiting requests dozes before looking at its commands again.
+_GRAMMAR_POLL_S = 0.005
 
 
 def run_core(config: EngineConfig, inbox, outbox) -> None:
@@ -155,8 +158,10 @@ def run_core(config: EngineConfig, inbox, outbox) -> None:
             engine.kv.pool.num_blocks,
             engine.kv.block_size,
             engine.lora is not None,
+            list(engine.eos_token_ids),
         )
     )
+    engine.grammars  # noqa: B018 -- starts wrapping the vocabulary for structured outputs, off this thread
     try:
         EngineCore(engine, outbox).run(inbox)
     except BaseException as exc:  # report, so every waiting caller hears why
@@ -171,15 +176,19 @@ class EngineCore:
         self._last_stats: CoreStats | None = None
 
     def run(self, inbox) -> None:
+        engine = self.engine
         while True:
-            for cmd in self._commands(inbox, block=not self.engine.has_unfinished_requests()):
+            for cmd in self._commands(inbox, block=not engine.has_unfinished_requests()):
                 if isinstance(cmd, Shutdown):
                     self.outbox.put(Dead("the engine was shut down"))
                     return
                 self._handle(cmd)
-            updates = (
-                [_update(out) for out in self.engine.step()] if self.engine.has_unfinished_requests() else []
-            )
+            for request, error in engine.poll_grammars():
+                self._added(request.request_id, error)
+            updates = [_update(out) for out in engine.step()] if engine.has_unfinished_requests() else []
+            if engine.last_step_idle and engine.has_unfinished_requests():
+                # Only requests waiting for their grammars: doze until one is compiled, not spin.
+                engine.wait_for_grammars(_GRAMMAR_POLL_S)
             stats = self.stats()
             if updates or stats != self._last_stats:
                 self.outbox.put(Step(updates, stats))
@@ -205,7 +214,7 @@ class EngineCore:
         engine = self.engine
         if isinstance(cmd, AddRequest):
             try:
-                engine.add_request(
+                request = engine.add_request(
                     cmd.prompt_ids,
                     cmd.params,
                     cmd.request_id,
@@ -213,12 +222,11 @@ class EngineCore:
                     max_cached_tokens=cmd.max_cached_tokens,
                     lora=cmd.lora,
                 )
-                error = None
-            except InvalidRequest as exc:
-                error = (str(exc), exc.param, exc.code)
-            except ValueError as exc:
-                error = (str(exc), None, None)
-            self.outbox.put(Added(cmd.request_id, error))
+            except ValueError as exc:  # InvalidRequest too
+                self._added(cmd.request_id, exc)
+                return
+            if not request.grammar_pending:  # else answered once its grammar compiles (or is refused)
+                self._added(cmd.request_id, None)
         elif isinstance(cmd, Abort):
             out = engine.abort_request(cmd.request_id)
             if out is not None:
@@ -244,6 +252,14 @@ class EngineCore:
                 self.outbox.put(LoRADone(cmd.name, f"no LoRA adapter named '{cmd.name}' is loaded", 404))
             except ValueError as exc:
                 self.outbox.put(LoRADone(cmd.name, str(exc), 409))
+
+    def _added(self, request_id: str, error: ValueError | None) -> None:
+        if error is None:
+            self.outbox.put(Added(request_id, None))
+        elif isinstance(error, InvalidRequest):
+            self.outbox.put(Added(request_id, (str(error), error.param, error.code)))
+        else:
+            self.outbox.put(Added(request_id, (str(error), None, None)))
 
     def stats(self) -> CoreStats:
         sched = self.engine.scheduler

@@ -6,6 +6,7 @@ it to completion for offline batches and `AsyncEngine` runs it on a thread for o
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -19,6 +20,7 @@ from ember.engine.model_runner import ModelRunner
 from ember.engine.sampler import sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Request, Sequence
+from ember.engine.structured import GrammarCompiler, allowed_tokens, bitmask_words
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
 from ember.lora.manager import LoRAManager
@@ -67,6 +69,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.device)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.lora)
         self.requests: dict[str, Request] = {}
+        self._grammars: GrammarCompiler | None = None  # made on first use
+        self._awaiting_grammar: dict[str, Request] = {}  # requests whose grammar is compiling
+        self.last_step_idle = False  # the last step had nothing to schedule
         # Draws for requests without a seed of their own: reproducible per engine seed.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
 
@@ -118,10 +123,58 @@ class LLMEngine:
             # Never shared across adapters: the root takes the adapter's identity (a re-added name is new).
             request.cache_root = root_hash(salt, None if adapter is None else adapter.uid)
             request.max_cached_tokens = max_cached_tokens
+        if params.structured is not None:
+            self._constrain(request)  # raises at once for a grammar known to be bad
         request.seqs.append(self._new_sequence(request, 0))
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
+        if request.grammar_pending:
+            self._awaiting_grammar[request_id] = request
         return request
+
+    # -- structured outputs -------------------------------------------------------------------------
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(
+                self.tokenizer.hf, self.model_config.vocab_size, self.eos_token_ids
+            )
+        return self._grammars
+
+    def _constrain(self, request: Request) -> None:
+        future = self.grammars.submit(request.params.structured.grammar_text())
+        request.grammar = future
+        if future.done():  # cached: ready (or refused) now
+            request.grammar_template = future.result()
+
+    def poll_grammars(self) -> list[tuple[Request, InvalidRequest | None]]:
+        """Requests whose grammar finished compiling since the last call, each with its error (None when
+        it compiled). A refused request is dropped from the engine, and nothing of it was computed."""
+        resolved = []
+        for rid, request in list(self._awaiting_grammar.items()):
+            if not request.grammar.done():
+                continue
+            del self._awaiting_grammar[rid]
+            error = request.grammar.exception()
+            if error is None:
+                request.grammar_template = request.grammar.result()
+            elif not isinstance(error, InvalidRequest):
+                log.error("compiling a grammar failed: %r", error)
+                error = InvalidRequest(
+                    f"the grammar could not be compiled: {error!r}", param="response_format"
+                )
+            if error is not None and self.requests.pop(rid, None) is not None:
+                for seq in request.seqs:
+                    self.scheduler.finish(seq)
+            resolved.append((request, error))
+        return resolved
+
+    def wait_for_grammars(self, timeout: float) -> None:
+        """Sleep until some pending grammar is compiled, or `timeout` seconds (for loops with nothing else to do)."""
+        pending = [r.grammar for r in self._awaiting_grammar.values()]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size
@@ -203,6 +256,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
+        self._awaiting_grammar.pop(request_id, None)
         if request is None:
             return None
         for seq in request.seqs:
@@ -229,6 +283,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_idle = sched.empty
         if sched.empty:
             return []
         now = time.monotonic()
@@ -259,7 +314,8 @@ class LLMEngine:
             seqs += group
         if not seqs:
             return []
-        result = sample(logits[torch.tensor(rows, device=logits.device)], seqs, self.generator)
+        logits = logits[torch.tensor(rows, device=logits.device)]
+        result = sample(logits, seqs, self.generator, self._grammar_masks(seqs, logits.shape[-1]))
         touched: dict[str, Request] = {}
         for i, seq in enumerate(seqs):
             entry = result.logprobs[i]
@@ -270,6 +326,23 @@ class LLMEngine:
             if r.finished:
                 del self.requests[r.request_id]
         return outputs
+
+    def _grammar_masks(self, seqs: list[Sequence], width: int) -> torch.Tensor | None:
+        """[len(seqs), width] bool: the tokens each row's grammar allows (all, for rows without one)."""
+        rows = [i for i, s in enumerate(seqs) if s.request.grammar_template is not None]
+        if not rows:
+            return None
+        matchers = []
+        for i in rows:
+            seq = seqs[i]
+            if seq.matcher is None:
+                seq.matcher = seq.request.grammar_template.deep_copy()
+            matchers.append(seq.matcher)
+        bitmask = torch.full((len(rows), bitmask_words(width)), -1, dtype=torch.int32)
+        self.grammars.fill_masks(matchers, bitmask)
+        allowed = torch.ones(len(seqs), width, dtype=torch.bool)
+        allowed[rows] = allowed_tokens(bitmask, width)
+        return allowed.to(self.device)
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         request = parent.request
@@ -290,7 +363,16 @@ class LLMEngine:
         if seq.logprobs is not None:
             seq.logprobs.append(entry)
             seq.cumulative_logprob += logprob
-        if not p.ignore_eos and token in seq.request.eos_token_ids:
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # The mask allowed only what the grammar accepts, so this is a bug; end the sample, say why.
+            log.error(
+                "grammar refused token %d of request %s: %s",
+                token,
+                seq.request.request_id,
+                seq.matcher.get_error(),
+            )
+            self._finish(seq, "stop", None)
+        elif not p.ignore_eos and token in seq.request.eos_token_ids:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
@@ -300,6 +382,8 @@ class LLMEngine:
             is not None
         ):
             self._finish(seq, "stop", matched)
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            self._finish(seq, "stop", None)  # the grammar is complete: nothing may follow
         elif seq.num_tokens >= seq.request.max_total_tokens:
             self._finish(seq, "length", None)
 

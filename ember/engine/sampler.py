@@ -1,6 +1,7 @@
 """From logits to the next token of every sampling sequence in the batch.
 
-Order of processing, per row: logit_bias and penalties change the logits; greedy rows take the argmax;
+Order of processing, per row: logit_bias and penalties change the logits; a grammar (structured outputs)
+masks the tokens it does not allow; greedy rows take the argmax;
 the others are divided by their temperature, filtered by top-k, top-p and min-p, and sampled. Sampling
 draws with the exponential-race trick (argmax of p / E, E ~ Exp(1), is a draw from p) so that every
 seeded row uses only its own generator: the same seed gives the same text whatever shares the batch.
@@ -27,14 +28,26 @@ class SampleResult:
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[Sequence], generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    generator: torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> SampleResult:
-    """logits [N, vocab] fp32, one row per sequence in `seqs`; `generator` serves rows without a seed."""
+    """logits [N, vocab] fp32, one row per sequence in `seqs`; `generator` serves rows without a seed;
+    `allowed` [N, vocab] bool: the tokens structured outputs permit (None: all)."""
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     # The model's raw distribution, only where someone asked for logprobs (a full-vocab pass per row).
     raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
+    raw = logits
     logits = logits.clone()
     _apply_bias_and_penalties(logits, seqs)
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+        dead = torch.isinf(logits.max(dim=-1).values)
+        if bool(dead.any()):
+            # Only tokens the other processing banned remain (the grammar allows only EOS while
+            # min_tokens forbids it): the grammar wins, as an invalid output helps nobody.
+            logits[dead] = raw[dead].masked_fill(~allowed[dead], float("-inf"))
 
     params = [s.params for s in seqs]
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)

@@ -66,14 +66,14 @@ class Scheduler:
                 continue
             break
         # Admit new work only when nothing had to be preempted this step: FCFS, no skipping ahead,
-        # except past a sequence whose LoRA adapter cannot get a slot (every slot busy with others):
-        # it keeps its place, and requests for resident adapters (or none) go on.
+        # except past a sequence whose grammar is still compiling or whose LoRA adapter cannot get a
+        # slot (every slot busy with others): it keeps its place, and the requests behind it go on.
         blocked: list[Sequence] = []
         while not out.preempted and self.waiting and budget > 0:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            if not self._acquire_lora(seq):
+            if seq.request.grammar_pending or not self._acquire_lora(seq):
                 blocked.append(self.waiting.popleft())
                 continue
             # A cached prefix costs no budget: only the tokens after it are computed.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -37,6 +39,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of full token blocks
     num_registered_blocks: int = 0  # leading blocks of the table named in the prefix cache
     lora_slot: int | None = None  # the adapter slot it holds while running
+    matcher: Any = None  # its grammar's parser state (an llguidance LLMatcher), once it has one
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -87,6 +90,14 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens it did take, at its first admission
     admitted: bool = False  # first admitted to the running batch (and its cache lookup reported)
     lora: str | None = None  # the LoRA adapter it runs with; None: the base model
+    # Structured output: the grammar being compiled for it (a Future), then the compiled template that
+    # each of its sequences copies. It is not scheduled while the grammar is pending.
+    grammar: Future | None = None
+    grammar_template: Any = None
+
+    @property
+    def grammar_pending(self) -> bool:
+        return self.grammar is not None and self.grammar_template is None
 
     @property
     def finished(self) -> bool:

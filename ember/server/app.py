@@ -37,6 +37,7 @@ from ember.engine.async_engine import (
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
 from ember.server import openai_format as fmt
+from ember.server import tools
 from ember.server.protocol import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,15 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     async def chat(body: ChatCompletionRequest, request: Request):
         lora = _admit(body.model)
         body.check_supported()
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages, tool_defs = tools.render(body, engine.tokenizer.hf.chat_template)
         # Templates render off the event loop: a long history takes a while.
-        prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages)
+        prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, True, tool_defs)
         top = body.requested_logprobs()
         params = body.sampling_params(None, top)
-        return await _respond(engine, request, body, [prompt_ids], params, True, top, state, lora)
+        params.structured = tools.constraint(body)
+        return await _respond(
+            engine, request, body, [prompt_ids], params, True, top, state, lora, body.tool_mode()
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -407,6 +411,7 @@ async def _respond(
     top: int | None,
     state: ServerState,
     lora: str | None = None,
+    tool_mode: str | None = None,
 ):
     total = len(prompts) * params.n
     if engine.max_pending is not None and total > engine.max_pending:
@@ -440,7 +445,7 @@ async def _respond(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         base = fmt.envelope(rid, created, body.model, obj + ".chunk" if chat else obj)
-        maker = fmt.ChunkMaker(base, chat, params.n, logprobs, include_usage)
+        maker = fmt.ChunkMaker(base, chat, params.n, logprobs, include_usage, tool_mode)
         return StreamingResponse(
             _sse(firsts, streams, maker),
             media_type="text/event-stream",
@@ -453,8 +458,14 @@ async def _respond(
     if outs is _GONE:
         _abort_all(engine, ids)
         return JSONResponse({}, status_code=499)
-    choice = fmt.chat_choice if chat else fmt.completion_choice
-    choices = [choice(c, i * params.n + c.index, logprobs) for i, o in enumerate(outs) for c in o.outputs]
+    if chat:
+        choices = [fmt.chat_choice(c, c.index, logprobs, tool_mode) for c in outs[0].outputs]
+    else:
+        choices = [
+            fmt.completion_choice(c, i * params.n + c.index, logprobs)
+            for i, o in enumerate(outs)
+            for c in o.outputs
+        ]
     return {**fmt.envelope(rid, created, body.model, obj), "choices": choices, "usage": fmt.usage(outs)}
 
 

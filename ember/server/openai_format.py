@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
+from ember.server import tools
 from ember.tokenizer import Tokenizer
 
 SYSTEM_FINGERPRINT = "ember-0.1"
@@ -76,12 +77,22 @@ class LogprobFormatter:
         return out
 
 
-def chat_choice(c: CompletionOutput, index: int, logprobs: LogprobFormatter | None) -> dict:
+def chat_choice(
+    c: CompletionOutput, index: int, logprobs: LogprobFormatter | None, tool_mode: str | None = None
+) -> dict:
+    """`tool_mode`: the request's tool choice (None: no tools in play), to read calls out of the text."""
+    message = {"role": "assistant", "content": c.text, "refusal": None}
+    reason = _reason(c)
+    calls = tools.parse(c.text) if tool_mode is not None else None
+    if calls:
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+        if reason == "stop":
+            reason = "tool_calls"
     return {
         "index": index,
-        "message": {"role": "assistant", "content": c.text, "refusal": None},
+        "message": message,
         "logprobs": logprobs.chat(c.token_ids, c.logprobs) if logprobs and c.logprobs is not None else None,
-        "finish_reason": _reason(c),
+        "finish_reason": reason,
     }
 
 
@@ -99,13 +110,21 @@ class ChunkMaker:
     """Streamed chunks for one response: one id and created for all, role first, finish_reason last."""
 
     def __init__(
-        self, base: dict, chat: bool, n: int, logprobs: LogprobFormatter | None, include_usage: bool
+        self,
+        base: dict,
+        chat: bool,
+        n: int,
+        logprobs: LogprobFormatter | None,
+        include_usage: bool,
+        tool_mode: str | None = None,
     ):
         self.base = base
         self.chat = chat
         self.n = n
         self.logprobs = logprobs
         self.include_usage = include_usage
+        self.tool_mode = tool_mode
+        self.calls: dict[int, tools.CallStream] = {}  # per choice, where tools are in play
         self.started: set[int] = set()
         self.done: set[int] = set()
         self.offsets: dict[int, int] = {}  # characters streamed so far per choice, for text_offset
@@ -131,6 +150,16 @@ class ChunkMaker:
             reason = _reason(c) if c.finish_reason else None
             if self.chat:
                 delta = {"content": c.delta_text}
+                if self.tool_mode is not None:
+                    stream = self.calls.setdefault(index, tools.CallStream(self.tool_mode != "auto"))
+                    text, call_deltas = stream.feed(c.delta_text)
+                    delta = {"content": text or None} if stream.mode != "text" else delta
+                    if call_deltas:
+                        delta["tool_calls"] = call_deltas
+                    elif stream.mode != "text" and not reason and index in self.started and not lp:
+                        continue  # nothing to say yet: arguments held back at a possible end
+                    if reason == "stop" and stream.made_calls:
+                        reason = "tool_calls"
                 if index not in self.started:
                     delta = {"role": "assistant", **delta}
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}

@@ -6,10 +6,12 @@ silently ignored; fields nobody defines are ignored, as OpenAI-compatible server
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ember.engine.structured import StructuredOutputs
 from ember.errors import InvalidRequest
 from ember.sampling_params import SamplingParams
 
@@ -18,8 +20,10 @@ MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_EMBEDDING_INPUTS = 2048
 
-# Defined by OpenAI, not served yet (structured output and tools arrive with their own issue).
-_NOT_YET = ("tools", "tool_choice", "functions", "function_call", "response_format", "suffix", "audio")
+# Defined by OpenAI, not served yet (the legacy `functions` are served as `tools`).
+_NOT_YET = ("functions", "function_call", "suffix", "audio")
+MAX_TOOLS = 128
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 class _Body(BaseModel):
@@ -39,6 +43,87 @@ class _Body(BaseModel):
 class StreamOptions(_Body):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format, plus Fireworks' `grammar` type (a GBNF grammar) and its `json_object`
+    with a `schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema", "grammar"]
+    json_schema: JSONSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_match_type(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema")
+        if self.type == "grammar" and not self.grammar:
+            raise ValueError("type 'grammar' needs a non-empty 'grammar' (GBNF)")
+        if self.grammar is not None and self.type != "grammar":
+            raise ValueError("'grammar' is only allowed with type 'grammar'")
+        return self
+
+    def constraint(self) -> StructuredOutputs | None:
+        if self.type == "json_schema":
+            return StructuredOutputs(json=self.json_schema.schema_)
+        if self.type == "json_object":
+            return (
+                StructuredOutputs(json=self.schema_) if self.schema_ else StructuredOutputs(json_object=True)
+            )
+        if self.type == "grammar":
+            return StructuredOutputs(grammar=self.grammar)
+        return None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _TOOL_NAME.match(v):
+            raise ValueError(f"function names are 1-64 letters, digits, '_' or '-' (got '{v}')")
+        return v
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "object") != "object":
+            raise ValueError(
+                f"parameters must be a JSON schema of type 'object' (got type '{v.get('type')}')"
+            )
+        return v
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class _Sampling(_Body):
@@ -63,6 +148,7 @@ class _Sampling(_Body):
     min_tokens: int = Field(default=0, ge=0)
     # As Fireworks names it: the most prompt tokens taken from the prefix cache; 0 opts out of it.
     prompt_cache_max_len: int | None = Field(default=None, ge=0)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -97,9 +183,13 @@ class _Sampling(_Body):
         extra = self.model_extra or {}
         for name in _NOT_YET:
             value = extra.get(name)
-            harmless = name == "tool_choice" and value == "none"
-            if value not in (None, [], {}) and not harmless:
-                raise InvalidRequest(f"'{name}' is not supported by this server yet", param=name)
+            if value not in (None, [], {}):
+                hint = "; use 'tools' and 'tool_choice'" if name in ("functions", "function_call") else ""
+                raise InvalidRequest(f"'{name}' is not supported by this server{hint}", param=name)
+
+    def structured(self) -> StructuredOutputs | None:
+        """What response_format asks the output to be; None for free text."""
+        return None if self.response_format is None else self.response_format.constraint()
 
     def sampling_params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         max_tokens = self._max_tokens() or default_max_tokens
@@ -124,6 +214,7 @@ class _Sampling(_Body):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            structured=self.structured(),
         )
 
     def _max_tokens(self) -> int | None:
@@ -136,12 +227,35 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool messages need the tool_call_id they answer")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -160,12 +274,38 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _tools(self):
+        names = [t.function.name for t in self.tools or []]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"tool names must be unique (repeated: {', '.join(sorted(dup))})")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(
+                f"tool_choice names function '{choice.function.name}', which is not among the tools"
+            )
+        return self
+
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto", "required" or the one function's name."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return self.tool_choice or "auto"
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -200,8 +200,8 @@ def test_typed_errors(client):
     assert e.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model=MODEL, input="hi")
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        client.chat.completions.create(model=MODEL, messages=USER, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="functions"):
+        client.chat.completions.create(model=MODEL, messages=USER, functions=[{"name": "f"}])
     r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
     assert r.choices  # still serving
 

@@ -1,0 +1,190 @@
+"""Structured outputs: grammars that constrain decoding, one token mask row per sequence per step.
+
+Backed by llguidance (see the README for why): a request's constraint (a JSON schema, any JSON object, a
+Lark or GBNF grammar, a regex or a list of choices) becomes one llguidance grammar string, which is also
+its cache key. Compiling it (building the Earley parser and warming the lexer on the vocabulary) runs on
+a worker thread, never on the step loop; a sequence waits in the queue until its grammar is ready, and
+the others go on. A compiled grammar is kept as a template matcher; each sequence runs a cheap copy of
+it (copies share the lexer's state cache, so later masks are ~0.1 ms).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from ember.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+# JSON is generated compactly but readably, with no free whitespace: a small model given "any
+# whitespace" can spend its whole budget on newlines. A schema's own "x-guidance" options still win.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_MAX_GRAMMAR_CHARS = 1_000_000
+
+
+@dataclass
+class StructuredOutputs:
+    """Exactly one of the fields: what the output must be (vLLM's StructuredOutputsParams)."""
+
+    json: dict | str | None = None  # a JSON schema (dict or its text)
+    json_object: bool = False  # any JSON object
+    grammar: str | None = None  # a GBNF (llama.cpp) or Lark (llguidance) grammar
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            name for name in ("json", "grammar", "regex", "choice") if getattr(self, name) is not None
+        ] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(
+                "structured outputs take exactly one of json, json_object, grammar, regex, choice "
+                f"(got {', '.join(given) or 'none'})"
+            )
+
+    def grammar_text(self) -> str:
+        """The llguidance grammar (the cache key); InvalidRequest where the input cannot be one."""
+        import llguidance
+
+        try:
+            if self.json is not None:
+                schema = json.loads(self.json) if isinstance(self.json, str) else self.json
+                if not isinstance(schema, dict):
+                    raise InvalidRequest("the JSON schema must be an object", param="response_format")
+                return llguidance.LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_OPTIONS)
+            if self.json_object:
+                return llguidance.LLMatcher.grammar_from_json_schema(
+                    {"type": "object"}, defaults=JSON_OPTIONS
+                )
+            if self.grammar is not None:
+                return grammar_from_text(self.grammar)
+            if self.regex is not None:
+                return llguidance.LLMatcher.grammar_from_regex(self.regex)
+            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise InvalidRequest("choice must be a non-empty list of non-empty strings")
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c) for c in self.choice)
+            )
+        except InvalidRequest:
+            raise
+        except (ValueError, TypeError) as exc:  # not JSON, not a grammar llguidance can read
+            raise InvalidRequest(
+                f"invalid structured output constraint: {exc}", param="response_format"
+            ) from None
+
+
+# Keys whose values are data, not subschemas: never rewritten.
+_DATA_KEYS = frozenset({"const", "enum", "default", "examples", "x-guidance"})
+
+
+def closed(schema):
+    """The schema with objects that list their properties closed to others (additionalProperties false
+    where it is unset), as OpenAI's strict mode and xgrammar's default have it. Whatever validates against
+    the result validates against the original; a small model left free to add keys may never stop."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (v if k in _DATA_KEYS else closed(v)) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def grammar_from_text(text: str) -> str:
+    """A GBNF grammar (`root ::= ...`, llama.cpp's format) or a Lark one (`start: ...`) -> llguidance's."""
+    import llguidance
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    if len(text) > _MAX_GRAMMAR_CHARS:
+        raise InvalidRequest(f"the grammar is over {_MAX_GRAMMAR_CHARS} characters", param="response_format")
+    try:
+        lark = any_to_lark(text)  # GBNF is converted; Lark passes through
+    except Exception as exc:  # the converter raises bare Exceptions for a rule it cannot resolve
+        raise InvalidRequest(f"invalid grammar: {exc}", param="response_format") from None
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+class GrammarCompiler:
+    """Compiles grammars on worker threads and caches them by their text (failures too, so a bad schema
+    sent again is refused at once). `submit` never blocks; the future gives a template matcher or raises
+    InvalidRequest naming the problem."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, eos_token_ids: list[int], max_cached: int = 512):
+        self.vocab_size = vocab_size
+        self.max_cached = max_cached
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ember-grammar")
+        self._cache: OrderedDict[str, Future] = OrderedDict()
+        self._lock = threading.Lock()
+        self.num_compiled = 0
+        # Wrapping the vocabulary takes ~0.5 s: started now, off the caller's thread, needed by the first compile.
+        self._tokenizer = self._pool.submit(_llg_tokenizer, hf_tokenizer, vocab_size, eos_token_ids)
+        self._executor = None
+
+    def submit(self, grammar: str) -> Future:
+        with self._lock:
+            future = self._cache.get(grammar)
+            if future is not None:
+                self._cache.move_to_end(grammar)
+                return future
+            future = self._pool.submit(self._compile, grammar)
+            self._cache[grammar] = future
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+            return future
+
+    def _compile(self, grammar: str):
+        import llguidance
+
+        tokenizer = self._tokenizer.result()
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise InvalidRequest(_explain(matcher.get_error()), param="response_format")
+        matcher.compute_bitmask()  # builds the lexer's first states here rather than on the step loop
+        self.num_compiled += 1
+        return matcher
+
+    def fill_masks(self, matchers: list, bitmask: torch.Tensor) -> None:
+        """Row i of `bitmask` [len(matchers), words] int32 <- the allowed tokens of matchers[i], in parallel."""
+        import llguidance
+        import llguidance.torch
+
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        llguidance.torch.fill_next_token_bitmask_par(
+            self._executor, [(m, i) for i, m in enumerate(matchers)], bitmask
+        )
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _llg_tokenizer(hf_tokenizer, vocab_size: int, eos_token_ids: list[int]):
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+
+
+def _explain(message: str) -> str:
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    if first.startswith("Unimplemented keys"):
+        return f"the JSON schema uses features this server does not support: {first}"
+    return f"invalid structured output constraint: {message.strip()[:2000]}"
+
+
+def bitmask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[rows, words] int32 bitmask -> [rows, vocab_size] bool, True where the grammar allows the token."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]; bit j of word w is token 32w + j
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()
