@@ -430,6 +430,7 @@ class AsyncEngine:
             for s in t.samples:
                 if s.finish_reason is None:
                     s.finish_reason = "abort"
+            _call(t.loop, _settle, t.added, None)  # aborted while its grammar compiled: never Added
         self._observe(t, u, now, new_tokens)
         out = self._output(t, u)
         if out.finished:

@@ -5,6 +5,7 @@ files are refused with a clear reason and change nothing."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ember import LLM, SamplingParams
+from ember.engine.structured import StructuredOutputs
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
 from tests.helpers import hf_greedy
@@ -248,3 +250,19 @@ def test_requests_for_resident_adapters_pass_one_waiting_for_a_slot(adapters):
     assert final["blocked"] == hf_greedy(refs["all8"], PROMPTS[1], GREEDY.max_tokens, [2])
     assert final["base"] == hf_greedy(refs[None], PROMPTS[2], GREEDY.max_tokens, [2])
     assert engine.kv.pool.is_whole() and sum(engine.lora.users) == 0
+
+
+def test_structured_outputs_with_adapters(adapters):
+    """Grammars and adapters in one batch: each constrained output follows its grammar and is what the
+    same request gives alone."""
+    base_dir, root, _ = adapters
+    llm = _engine(base_dir, root, max_loras=4)
+    pattern = r"[a-z]{2,8}( [a-z]{2,8}){0,3}"
+    sp = SamplingParams(temperature=0, max_tokens=40, structured=StructuredOutputs(regex=pattern))
+    batch = llm.generate(PROMPTS, sp, lora=ASSIGNED)
+    alone = [llm.generate(p, sp, lora=a)[0] for p, a in zip(PROMPTS, ASSIGNED, strict=True)]
+    assert [r.outputs[0].token_ids for r in batch] == [r.outputs[0].token_ids for r in alone]
+    for r in batch:
+        assert r.outputs[0].finish_reason == "stop"
+        assert re.fullmatch(pattern, r.outputs[0].text), r.outputs[0].text
+    assert llm.engine.kv.pool.is_whole()
