@@ -17,6 +17,7 @@ class FakeRequest:
     num_cached_tokens: int = 0
     admitted: bool = False
     lora: str | None = None
+    grammar_pending: bool = False
 
 
 @dataclass(eq=False)  # hashable by identity, as the engine's Sequence
