@@ -1,6 +1,6 @@
 """ember: an open inference platform with its own engine on PyTorch."""
 
-from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.llm_engine import LLMEngine
 from ember.llm import LLM
@@ -15,6 +15,7 @@ __all__ = [
     "EngineConfig",
     "LLMEngine",
     "LoRAConfig",
+    "SpeculativeConfig",
     "Logprob",
     "RequestOutput",
     "SamplingParams",

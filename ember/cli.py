@@ -154,9 +154,14 @@ def serve(
     kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
     max_num_seqs: int = typer.Option(128, help="cap on running sequences"),
     max_num_batched_tokens: int = typer.Option(2048, help="token budget per engine step"),
+    speculative: str = typer.Option(
+        "none", help="speculative decoding: ngram (prompt lookup), draft:MODEL (a smaller model) or none"
+    ),
+    num_speculative_tokens: int = typer.Option(4, help="the most tokens proposed per sequence per step"),
+    draft_num_layers: int | None = typer.Option(None, help="keep only the draft model's first N layers"),
 ) -> None:
     """Serve the OpenAI-compatible API."""
-    from ember import CacheConfig, EngineConfig, SchedulerConfig
+    from ember import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
     from ember.config import LoRAConfig
     from ember.server.run import ServeOptions
     from ember.server.run import serve as run_server
@@ -176,6 +181,9 @@ def serve(
                 enabled=enable_lora or bool(lora) or admin_key is not None,
                 max_loras=max_loras,
                 max_rank=max_lora_rank,
+            ),
+            speculative=SpeculativeConfig.parse(
+                speculative, num_speculative_tokens=num_speculative_tokens, draft_num_layers=draft_num_layers
             ),
         )
         options = ServeOptions(

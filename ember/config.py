@@ -62,6 +62,52 @@ class LoRAConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a proposer guesses up to `num_speculative_tokens` tokens per sequence and the
+    target model checks them all in one forward pass (see ember.engine.speculative)."""
+
+    method: str | None = None  # None (off), "ngram" (prompt lookup) or "draft" (a smaller model)
+    num_speculative_tokens: int = 4  # k: the most tokens proposed per sequence per step
+    draft_model: str | None = None  # method "draft": catalog name, local path or HF repo id
+    draft_num_layers: int | None = None  # keep only the draft's first layers (and its LM head)
+    ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens, longest first
+    ngram_min: int = 2
+    # Adaptive, per step: speculate only while running sequences x (1 + k) stays within this many tokens,
+    # shortening k as the batch grows; past it a step decodes plainly (verification would cost more than
+    # the accepted tokens save).
+    max_batch_tokens: int = 16
+    # Adaptive, per sequence: one whose recent acceptance rate falls below this pauses speculation.
+    min_acceptance: float = 0.25
+
+    @classmethod
+    def parse(cls, spec: str | None, **kwargs) -> SpeculativeConfig:
+        """'ngram', 'draft:MODEL' or None/'none' (off), as the --speculative flag takes them."""
+        if spec is None or spec.lower() in ("", "none", "off"):
+            return cls(**kwargs)
+        if spec == "ngram":
+            return cls(method="ngram", **kwargs)
+        if spec.startswith("draft:") and spec[len("draft:") :]:
+            return cls(method="draft", draft_model=spec[len("draft:") :], **kwargs)
+        raise ValueError(f"speculative must be ngram or draft:MODEL (got '{spec}')")
+
+    def __post_init__(self) -> None:
+        if self.method not in (None, "ngram", "draft"):
+            raise ValueError(f"speculative method must be ngram or draft (got '{self.method}')")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative method draft needs a draft model: draft:MODEL")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be 1..32 (got {self.num_speculative_tokens})")
+        if self.draft_num_layers is not None and self.draft_num_layers < 1:
+            raise ValueError(f"draft_num_layers must be at least 1 (got {self.draft_num_layers})")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max (got {self.ngram_min}, {self.ngram_max})")
+        if self.max_batch_tokens < 2:
+            raise ValueError(f"speculative max_batch_tokens must be at least 2 (got {self.max_batch_tokens})")
+        if not 0.0 <= self.min_acceptance < 1.0:
+            raise ValueError(f"min_acceptance must be in [0, 1) (got {self.min_acceptance})")
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "cpu"
@@ -72,6 +118,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
+from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
 from ember.engine.llm_engine import LLMEngine
 from ember.models.catalog import DEFAULT_MODEL
 from ember.outputs import RequestOutput
@@ -19,7 +19,9 @@ Prompt = str | list[int]
 class LLM:
     """Keyword arguments are EngineConfig fields plus the cache and scheduler fields, flat:
     device, dtype, quantization, max_model_len, seed, block_size, kv_cache_memory, num_blocks,
-    enable_prefix_caching, max_num_seqs, max_num_batched_tokens, enable_lora, max_loras, max_lora_rank."""
+    enable_prefix_caching, max_num_seqs, max_num_batched_tokens, enable_lora, max_loras, max_lora_rank;
+    and `speculative` ("ngram", "draft:MODEL" or a SpeculativeConfig) with num_speculative_tokens and
+    draft_num_layers."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any):
         cache_keys = ("block_size", "kv_cache_memory", "num_blocks", "enable_prefix_caching")
@@ -27,11 +29,18 @@ class LLM:
         sched = {k: kwargs.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in kwargs}
         lora_keys = {"enable_lora": "enabled", "max_loras": "max_loras", "max_lora_rank": "max_rank"}
         lora = {field: kwargs.pop(k) for k, field in lora_keys.items() if k in kwargs}
+        spec = kwargs.pop("speculative", None)
+        spec_kwargs = {
+            k: kwargs.pop(k) for k in ("num_speculative_tokens", "draft_num_layers") if k in kwargs
+        }
+        if not isinstance(spec, SpeculativeConfig):
+            spec = SpeculativeConfig.parse(spec, **spec_kwargs)
         config = EngineConfig(
             model=model,
             cache=CacheConfig(**cache),
             scheduler=SchedulerConfig(**sched),
             lora=LoRAConfig(**lora),
+            speculative=spec,
             **kwargs,
         )
         self.engine = LLMEngine(config)

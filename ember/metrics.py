@@ -77,15 +77,38 @@ class EngineMetrics:
             ["adapter"],
             registry=r,
         )
+        # Speculative decoding, as vLLM names them: accepted / draft is the acceptance rate, and
+        # emitted / (emitted - accepted) the mean tokens a speculative step yields.
+        self.spec_decode_num_draft_tokens = Counter(
+            "ember:spec_decode_num_draft_tokens", "Tokens proposed by speculative decoding.", registry=r
+        )
+        self.spec_decode_num_accepted_tokens = Counter(
+            "ember:spec_decode_num_accepted_tokens",
+            "Proposed tokens the target model accepted.",
+            registry=r,
+        )
+        self.spec_decode_num_emitted_tokens = Counter(
+            "ember:spec_decode_num_emitted_tokens",
+            "Tokens emitted by speculative steps: the accepted ones plus one from the target per step.",
+            registry=r,
+        )
         self.http_requests = Counter(
             "ember:http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
-        self._seen = {"preemptions": 0, "queries": 0, "hits": 0}
+        self._seen = {"preemptions": 0, "queries": 0, "hits": 0, "draft": 0, "accepted": 0, "emitted": 0}
 
     def set_stats(
-        self, running: int, waiting: int, kv_usage: float, preemptions: int, queries: int = 0, hits: int = 0
+        self,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        preemptions: int,
+        queries: int = 0,
+        hits: int = 0,
+        spec: tuple[int, int, int] = (0, 0, 0),
     ) -> None:
-        """Gauges as they stand; counters from the core's cumulative totals."""
+        """Gauges as they stand; counters from the core's cumulative totals (`spec`: draft, accepted and
+        emitted tokens of speculative decoding)."""
         self.num_requests_running.set(running)
         self.num_requests_waiting.set(waiting)
         self.kv_cache_usage_perc.set(kv_usage)
@@ -93,6 +116,9 @@ class EngineMetrics:
             ("preemptions", preemptions, self.num_preemptions),
             ("queries", queries, self.prefix_cache_queries),
             ("hits", hits, self.prefix_cache_hits),
+            ("draft", spec[0], self.spec_decode_num_draft_tokens),
+            ("accepted", spec[1], self.spec_decode_num_accepted_tokens),
+            ("emitted", spec[2], self.spec_decode_num_emitted_tokens),
         ):
             if total > self._seen[name]:
                 counter.inc(total - self._seen[name])

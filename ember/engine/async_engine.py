@@ -356,6 +356,7 @@ class AsyncEngine:
                         s.num_preemptions,
                         s.prefix_cache_queries,
                         s.prefix_cache_hits,
+                        (s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_emitted_tokens),
                     )
                     for update in msg.updates:
                         self._on_update(update)

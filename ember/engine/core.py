@@ -120,6 +120,10 @@ class CoreStats:
     num_preemptions: int
     prefix_cache_queries: int = 0  # tokens, cumulative
     prefix_cache_hits: int = 0
+    # Speculative decoding, cumulative: tokens proposed, kept, and emitted by speculative steps.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0
 
 
 @dataclass
@@ -264,6 +268,7 @@ class EngineCore:
     def stats(self) -> CoreStats:
         sched = self.engine.scheduler
         pool = self.engine.kv.pool
+        spec = self.engine.speculator
         return CoreStats(
             num_running=len({s.request.request_id for s in sched.running}),
             num_waiting=len({s.request.request_id for s in sched.waiting}),
@@ -271,6 +276,9 @@ class EngineCore:
             num_preemptions=sched.num_preemptions,
             prefix_cache_queries=self.engine.kv.prefix_queries,
             prefix_cache_hits=self.engine.kv.prefix_hits,
+            spec_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_emitted_tokens=spec.num_emitted_tokens if spec else 0,
         )
 
 

@@ -218,6 +218,13 @@ class KVCacheManager:
         seq.block_table.extend(self.pool.allocate() for _ in range(need))
         return True
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past what the sequence's tokens need: slots reserved for speculative
+        tokens that were rejected (never named in the prefix cache, as nothing in them was kept)."""
+        keep = self.blocks_for(seq.num_tokens)
+        while len(seq.block_table) > keep:
+            self.pool.decref(seq.block_table.pop())
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         for block in parent.block_table:
             self.pool.incref(block)

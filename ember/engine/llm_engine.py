@@ -7,6 +7,7 @@ it to completion for offline batches and `AsyncEngine` runs it on a thread for o
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 import uuid
@@ -17,9 +18,11 @@ from ember.config import EngineConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache import KVCacheManager, root_hash
 from ember.engine.model_runner import ModelRunner
+from ember.engine.proposers import DraftProposer, NgramProposer
 from ember.engine.sampler import sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Request, Sequence
+from ember.engine.speculative import Speculator, Verdict
 from ember.engine.structured import GrammarCompiler, allowed_tokens, bitmask_words
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
@@ -74,6 +77,40 @@ class LLMEngine:
         self.last_step_idle = False  # the last step had nothing to schedule
         # Draws for requests without a seed of their own: reproducible per engine seed.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.speculator = self._speculator(num_blocks) if config.speculative.method else None
+
+    def _speculator(self, num_blocks: int) -> Speculator:
+        sc = self.config.speculative
+        if sc.method == "ngram":
+            return Speculator(sc, NgramProposer(sc.ngram_max, sc.ngram_min))
+        path = resolve_model(sc.draft_model)
+        cfg = ModelConfig.from_dir(path)
+        if sc.draft_num_layers is not None:
+            if sc.draft_num_layers > cfg.num_hidden_layers:
+                raise ValueError(
+                    f"draft_num_layers is {sc.draft_num_layers}; the draft model has {cfg.num_hidden_layers}"
+                )
+            cfg = dataclasses.replace(cfg, num_hidden_layers=sc.draft_num_layers)
+        if Tokenizer.from_dir(path).hf.get_vocab() != self.tokenizer.hf.get_vocab():
+            raise ValueError(f"the draft model '{sc.draft_model}' has another tokenizer than the target")
+        if cfg.vocab_size != self.model_config.vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary has {cfg.vocab_size} rows, the target's "
+                f"{self.model_config.vocab_size}"
+            )
+        draft = load_model(
+            path, cfg, self.config.torch_dtype, self.device, self.max_model_len, self.config.quantization
+        )
+        per_block = ModelRunner.bytes_per_block(cfg, self.kv.block_size, self.config.torch_dtype)
+        log.info(
+            "draft model %s: %d layers, its KV cache %.0f MiB",
+            sc.draft_model,
+            cfg.num_hidden_layers,
+            num_blocks * per_block / 2**20,
+        )
+        proposer = DraftProposer(draft, num_blocks, self.kv.block_size, self.device)
+        proposer.generator = self.generator
+        return Speculator(sc, proposer)
 
     # -- requests -----------------------------------------------------------------------------------
 
@@ -282,6 +319,8 @@ class LLMEngine:
     # -- the step -----------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            self.speculator.plan(self.scheduler.running)
         sched = self.scheduler.schedule()
         self.last_step_idle = sched.empty
         if sched.empty:
@@ -290,42 +329,99 @@ class LLMEngine:
         for seq in sched.num_scheduled:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
-        # Decodes first, then prefill chunks: the layout the attention code expects.
-        items = sorted(sched.num_scheduled.items(), key=lambda item: item[1] != 1)
-        work, sample_rows, to_sample = [], [], []
+        copies = self.kv.take_copies()
+        self.runner.copy_blocks(copies)
+        proposals = {}
+        if self.speculator is not None:
+            self.speculator.proposer.copy_blocks(copies)  # the draft's KV follows copy-on-write
+            proposals = self.speculator.propose(sched.num_scheduled)
+        # A sequence's work: what it had pending, plus its proposed tokens (scored in the same pass).
+        work_of = {}
+        for seq, n in sched.num_scheduled.items():
+            prop = proposals.get(seq)
+            if prop is None:
+                work_of[seq] = (
+                    seq.token_ids,
+                    seq.num_computed_tokens,
+                    min(n, seq.num_tokens - seq.num_computed_tokens),
+                )
+            else:
+                work_of[seq] = (seq.token_ids + prop.tokens, seq.num_computed_tokens, 1 + len(prop.tokens))
+        # Decodes first, then prefill chunks and verifications: the layout the attention code expects.
+        items = sorted(work_of.items(), key=lambda item: item[1][2] != 1)
+        work, sample_rows, num_logits, to_sample, to_verify = [], [], [], [], []
         slots = [seq.lora_slot for seq, _ in items]
-        for j, (seq, n) in enumerate(items):
-            work.append((seq.token_ids, seq.num_computed_tokens, n, seq.block_table))
-            if seq.num_computed_tokens + n == seq.num_tokens:
+        for j, (seq, (tokens, start, n)) in enumerate(items):
+            work.append((tokens, start, n, seq.block_table))
+            if seq in proposals:
                 sample_rows.append(j)
+                num_logits.append(n)
+                to_verify.append(seq)
+            elif start + n == seq.num_tokens:
+                sample_rows.append(j)
+                num_logits.append(1)
                 to_sample.append(seq)
-        self.runner.copy_blocks(self.kv.take_copies())
-        logits = self.runner.execute(work, sample_rows, slots)
-        for seq, n in items:
-            seq.num_computed_tokens += n
-            self.kv.commit(seq)
+        logits = self.runner.execute(work, sample_rows, slots, num_logits)
+        for seq, (_, _, n) in items:
+            if seq not in proposals:  # verified sequences commit what they keep, below
+                seq.num_computed_tokens += n
+                self.kv.commit(seq)
 
+        # Logit rows follow sample_rows: split them into plain samples and verifications.
+        plain_rows, verify_rows, row = [], [], 0
+        for j, m in zip(sample_rows, num_logits, strict=True):
+            seq = items[j][0]
+            (verify_rows.extend if seq in proposals else plain_rows.extend)(range(row, row + m))
+            row += m
+        touched: dict[str, Request] = {}
         rows, seqs = [], []
-        for row, seq in enumerate(to_sample):
+        for i, seq in enumerate(to_sample):
             group = [seq]
             if seq.params.n > 1 and not seq.request.forked:
                 group += self._fork(seq)
-            rows += [row] * len(group)
+            rows += [plain_rows[i]] * len(group)
             seqs += group
-        if not seqs:
-            return []
-        logits = logits[torch.tensor(rows, device=logits.device)]
-        result = sample(logits, seqs, self.generator, self._grammar_masks(seqs, logits.shape[-1]))
-        touched: dict[str, Request] = {}
-        for i, seq in enumerate(seqs):
-            entry = result.logprobs[i]
-            self._append_token(seq, result.token_ids[i], result.chosen_logprobs[i], entry)
-            touched[seq.request.request_id] = seq.request
+        if seqs:
+            picked = logits[torch.tensor(rows, device=logits.device)]
+            result = sample(picked, seqs, self.generator, self._grammar_masks(seqs, picked.shape[-1]))
+            for i, seq in enumerate(seqs):
+                entry = result.logprobs[i]
+                self._append_token(seq, result.token_ids[i], result.chosen_logprobs[i], entry)
+                touched[seq.request.request_id] = seq.request
+        if to_verify:
+            verdicts = self.speculator.verify(
+                logits[torch.tensor(verify_rows, device=logits.device)],
+                to_verify,
+                [proposals[s] for s in to_verify],
+                self.generator,
+            )
+            for seq, verdict in zip(to_verify, verdicts, strict=True):
+                self._keep(seq, verdict)
+                touched[seq.request.request_id] = seq.request
         outputs = [self._output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
                 del self.requests[r.request_id]
         return outputs
+
+    def _keep(self, seq: Sequence, verdict: Verdict) -> None:
+        """After verification: the KV of the pending token and the kept proposals stays, the rest is
+        rolled back; then the kept tokens and the target's own next token are appended one by one (any
+        of them may end the sequence)."""
+        length, kept = seq.num_tokens, len(verdict.tokens) - 1
+        seq.token_ids.extend(verdict.tokens[:kept])  # for the prefix cache's block hashes
+        seq.num_computed_tokens = length + kept
+        self.kv.commit(seq)
+        del seq.token_ids[length:]
+        seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
+        for i, token in enumerate(verdict.tokens):
+            entry = None if verdict.logprobs is None else verdict.logprobs[i]
+            logprob = None if verdict.chosen_logprobs is None else verdict.chosen_logprobs[i]
+            self._append_token(seq, token, logprob, entry)
+            self.speculator.num_emitted_tokens += 1
+            if seq.finished:
+                return
+        self.kv.trim(seq)
 
     def _grammar_masks(self, seqs: list[Sequence], width: int) -> torch.Tensor | None:
         """[len(seqs), width] bool: the tokens each row's grammar allows (all, for rows without one)."""

@@ -48,13 +48,16 @@ class ModelRunner:
         work: list[tuple[list[int], int, int, list[int]]],
         sample_rows: list[int],
         lora_slots: list[int | None] | None = None,
+        num_logits: list[int] | None = None,
     ) -> torch.Tensor:
         """Run one step.
 
         work: per sequence (token_ids, num_computed_tokens, num_new_tokens, block_table), decodes first.
         sample_rows: indices into `work` of the sequences whose last new token is to be sampled from.
         lora_slots: per sequence, the adapter slot its tokens run with (None: the base model).
-        Returns logits [len(sample_rows), vocab] in fp32.
+        num_logits: per sample row, how many of its last new tokens want logits (default 1; speculative
+        decoding scores every proposed token).
+        Returns logits [sum(num_logits), vocab] in fp32, sample row by sample row, in token order.
         """
         bs = self.block_size
         window = self.model.config.sliding_window
@@ -96,7 +99,15 @@ class ModelRunner:
         if lora is not None:
             lora.batch = self._lora_batch(work, lora_slots)
         hidden = self.model(torch.tensor(ids, device=self.device), pos, self.kv_caches, meta)
-        rows = torch.tensor([last_token_of[i] for i in sample_rows], dtype=torch.long, device=self.device)
+        if num_logits is None:
+            wanted = [last_token_of[i] for i in sample_rows]
+        else:
+            wanted = [
+                t
+                for i, m in zip(sample_rows, num_logits, strict=True)
+                for t in range(last_token_of[i] - m + 1, last_token_of[i] + 1)
+            ]
+        rows = torch.tensor(wanted, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows])
 
     def _lora_batch(self, work, lora_slots: list[int | None] | None) -> LoRABatch | None:

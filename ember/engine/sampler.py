@@ -40,7 +40,7 @@ def sample(
     raw_logprobs = torch.log_softmax(logits[wanted], dim=-1) if wanted else None
     raw = logits
     logits = logits.clone()
-    _apply_bias_and_penalties(logits, seqs)
+    apply_bias_and_penalties(logits, seqs)
     if allowed is not None:
         logits.masked_fill_(~allowed, float("-inf"))
         dead = torch.isinf(logits.max(dim=-1).values)
@@ -56,21 +56,23 @@ def sample(
         temps = torch.tensor(
             [p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device
         )
-        probs = _filtered_probs(logits / temps[:, None], params)
+        probs = filtered_probs(logits / temps[:, None], params)
         sampled = (probs / _exponential_noise(probs, seqs, generator)).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, sampled)
 
     token_ids = chosen.tolist()
     result = SampleResult(token_ids, [None] * len(seqs), [None] * len(seqs))
     if wanted:
-        entries, lps = _logprob_entries(raw_logprobs, token_ids, params, wanted)
+        entries, lps = logprob_entries(raw_logprobs, token_ids, params, wanted)
         for i, entry, lp in zip(wanted, entries, lps, strict=True):  # back to their rows
             result.logprobs[i] = entry
             result.chosen_logprobs[i] = lp
     return result
 
 
-def _apply_bias_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def apply_bias_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place, row i for seqs[i]. A row may be any object with a Sequence's params, request, token_ids,
+    output_token_ids and num_output_tokens (speculative decoding scores positions ahead of the sequence)."""
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.logit_bias:
@@ -97,7 +99,9 @@ def _apply_bias_and_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> Non
             row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def _filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
+    """logits [N, vocab] already divided by the temperature -> the probabilities sampled from, after
+    top-k, top-p and min-p."""
     top_k = [p.top_k for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
@@ -129,7 +133,7 @@ def _exponential_noise(probs: torch.Tensor, seqs: list[Sequence], generator) -> 
     return noise
 
 
-def _logprob_entries(sub, token_ids, params, wanted) -> tuple[list[dict[int, Logprob]], list[float]]:
+def logprob_entries(sub, token_ids, params, wanted) -> tuple[list[dict[int, Logprob]], list[float]]:
     """sub [len(wanted), vocab]: raw logprobs of the rows that asked for them."""
     k_max = max(params[i].logprobs for i in wanted)
     top_vals, top_ids = sub.topk(max(k_max, 1), dim=-1)

@@ -1,8 +1,8 @@
 """Continuous batching with one token budget per step.
 
 Each step hands out at most `max_num_batched_tokens` tokens of work: running sequences first (a decode
-costs one token; a prompt still being prefilled takes a chunk of what is left), then waiting sequences
-in arrival order, up to `max_num_seqs` running. A waiting sequence first takes over the longest cached
+costs one token, plus the tokens speculative decoding proposes for it; a prompt still being prefilled
+takes a chunk of what is left), then waiting sequences in arrival order, up to `max_num_seqs` running. A waiting sequence first takes over the longest cached
 prefix of its tokens (see kv_cache), and only what follows it draws on the budget. When the KV pool
 cannot hold a running sequence's next tokens, the newest running sequence is preempted: its blocks go
 back to the pool and it returns to the front of the queue, to be recomputed (prompt plus what it
@@ -52,19 +52,16 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(seq, n):
-                victim = self.running.pop()  # the newest; sequences before i are already scheduled
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is seq:
+            pending = seq.num_tokens - seq.num_computed_tokens
+            n = min(pending + seq.num_lookahead, budget)
+            # Speculative slots only where the pool has room to spare: never preempt anyone for them.
+            if n == pending or not self.kv.allocate_slots(seq, n):
+                n = min(pending, budget)
+                if not self._allocate_or_preempt(seq, n, out):
                     break
-            else:
-                out.num_scheduled[seq] = n
-                budget -= n
-                i += 1
-                continue
-            break
+            out.num_scheduled[seq] = n
+            budget -= n
+            i += 1
         # Admit new work only when nothing had to be preempted this step: FCFS, no skipping ahead,
         # except past a sequence whose grammar is still compiling or whose LoRA adapter cannot get a
         # slot (every slot busy with others): it keeps its place, and the requests behind it go on.
@@ -91,6 +88,17 @@ class Scheduler:
         self.waiting.extendleft(reversed(blocked))
         return out
 
+    def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
+        """Room for `n` more tokens of a running sequence, preempting the newest running ones until it
+        fits; False when `seq` itself had to go."""
+        while not self.kv.allocate_slots(seq, n):
+            victim = self.running.pop()  # the newest; sequences before this one are already scheduled
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
     def _acquire_lora(self, seq: Sequence) -> bool:
         name = seq.request.lora
         if name is None or self.lora is None or seq.lora_slot is not None:
@@ -107,6 +115,7 @@ class Scheduler:
         self._release_lora(seq)
         self.kv.free(seq)
         seq.num_computed_tokens = 0
+        seq.num_draft_computed = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

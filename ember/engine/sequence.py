@@ -40,6 +40,12 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks of the table named in the prefix cache
     lora_slot: int | None = None  # the adapter slot it holds while running
     matcher: Any = None  # its grammar's parser state (an llguidance LLMatcher), once it has one
+    # Speculative decoding (see ember.engine.speculative): slots to reserve this step for proposed
+    # tokens, tokens whose KV the draft model has in its cache, and the recent acceptance rate.
+    num_lookahead: int = 0
+    num_draft_computed: int = 0
+    spec_acceptance: float = 1.0
+    spec_paused_steps: int = 0
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -102,3 +108,32 @@ class Request:
     @property
     def finished(self) -> bool:
         return len(self.seqs) == self.params.n and all(s.finished for s in self.seqs)
+
+
+@dataclass(eq=False)
+class SequenceAhead:
+    """A sequence as it would stand with `extra` tokens kept: what the sampler's bias and penalties read
+    at a position speculative decoding proposed, before anything is decided."""
+
+    seq: Sequence
+    extra: list[int]
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.seq.params
+
+    @property
+    def request(self) -> Request:
+        return self.seq.request
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.extra
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids + self.extra
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.seq.num_output_tokens + len(self.extra)

@@ -24,6 +24,8 @@ class FakeRequest:
 class FakeSeq:
     num_tokens: int
     num_computed_tokens: int = 0
+    num_lookahead: int = 0
+    num_draft_computed: int = 0
     block_table: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     block_hashes: list[bytes] = field(default_factory=list)

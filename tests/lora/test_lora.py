@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ember import LLM, SamplingParams
+from ember import LLM, SamplingParams, SpeculativeConfig
 from ember.engine.structured import StructuredOutputs
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
@@ -265,4 +265,31 @@ def test_structured_outputs_with_adapters(adapters):
     for r in batch:
         assert r.outputs[0].finish_reason == "stop"
         assert re.fullmatch(pattern, r.outputs[0].text), r.outputs[0].text
+    assert llm.engine.kv.pool.is_whole()
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_decoding_with_adapters(adapters, method):
+    """Speculation in a batch of adapters and the bare base still gives what PEFT's merged models give.
+    The draft (the base's first layer) runs without adapters: its guesses for an adapter's requests are
+    the base model's, which verification, run with the adapter, judges like any others."""
+    base_dir, root, refs = adapters
+    if method == "ngram":
+        spec = SpeculativeConfig(method="ngram", ngram_min=1, max_batch_tokens=64)
+    else:
+        spec = SpeculativeConfig(
+            method="draft", draft_model=str(base_dir), draft_num_layers=1, max_batch_tokens=64
+        )
+    llm = _engine(base_dir, root, max_loras=4, speculative=spec)
+    got = llm.generate(PROMPTS, GREEDY, lora=ASSIGNED)
+    assert [r.outputs[0].token_ids for r in got] == _want(refs)
+    # A strong bias on three tokens makes every model cycle among them, so that guesses are kept too.
+    looping = SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, logit_bias=dict.fromkeys([5, 17, 42], 50.0)
+    )
+    plain = _engine(base_dir, root, max_loras=4).generate(PROMPTS, looping, lora=ASSIGNED)
+    got = llm.generate(PROMPTS, looping, lora=ASSIGNED)
+    assert [r.outputs[0].token_ids for r in got] == [r.outputs[0].token_ids for r in plain]
+    s = llm.engine.speculator
+    assert 0 < s.num_accepted_tokens < s.num_draft_tokens
     assert llm.engine.kv.pool.is_whole()

@@ -1,0 +1,136 @@
+"""Proposers for speculative decoding: cheap guesses at a sequence's next tokens.
+
+A proposer is asked twice per step. Before scheduling, `lookahead(seq, k)` says how many slots to reserve
+for the sequence's guesses (at most k); after scheduling, with those slots allocated and the step's
+copy-on-write copies done (`copy_blocks`, for a proposer with a KV cache of its own), `propose(seqs, ks)` returns a Proposal of at most ks[i] tokens per sequence.
+Verification (ember.engine.speculative) needs only the tokens and, where the proposer sampled them, the
+distributions it sampled from; so a trained head (EAGLE or Medusa style) fits behind the same two calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ember.engine.model_runner import ModelRunner
+from ember.engine.sampler import apply_bias_and_penalties, filtered_probs
+from ember.engine.sequence import Sequence, SequenceAhead
+from ember.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    # [len(tokens), vocab]: the distribution each token was drawn from; None where the proposer chose
+    # deterministically (a point mass on the token), as n-gram lookup and greedy drafting do.
+    q: torch.Tensor | None = None
+
+
+class NgramProposer:
+    """Prompt lookup: find the last n tokens earlier in the sequence (prompt or output, the most recent
+    occurrence, longest n first) and propose the tokens that followed them. Free, and right whenever the
+    output copies its input: edits, summaries, code changes, extraction."""
+
+    def __init__(self, ngram_max: int, ngram_min: int):
+        self.ngram_max = ngram_max
+        self.ngram_min = ngram_min
+        self._found: dict[Sequence, list[int]] = {}
+
+    def lookahead(self, seq: Sequence, k: int) -> int:
+        tokens = self.lookup(seq.token_ids, k)
+        if tokens:
+            self._found[seq] = tokens
+        return len(tokens)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        pass  # no KV of its own
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        found, self._found = self._found, {}
+        return [Proposal(found.get(seq, [])[:k]) for seq, k in zip(seqs, ks, strict=True)]
+
+    def lookup(self, token_ids: list[int], k: int) -> list[int]:
+        n_tokens = len(token_ids)
+        if n_tokens < self.ngram_min + 1:
+            return []
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        for n in range(min(self.ngram_max, n_tokens - 1), self.ngram_min - 1, -1):
+            # Windows start at 0 .. n_tokens - 1 - n: each match has a token after it, and the suffix
+            # itself is not a match.
+            windows = sliding_window_view(tokens[:-1], n)
+            starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if starts.size:
+                at = int(starts[-1]) + n
+                return token_ids[at : at + k]
+        return []
+
+
+class DraftProposer:
+    """A smaller model with the target's tokenizer drafts k tokens, one forward pass each.
+
+    Its KV lives in tensors of its own but is paged by the target's block tables (same block size and
+    count), so allocation, copy-on-write, rollback and freeing all follow the target's with no second
+    allocator. `Sequence.num_draft_computed` counts the positions whose draft KV is valid; each step the
+    draft first catches up on what the target accepted (the whole prompt, the first time), then drafts.
+    The draft has no LoRA adapters: for an adapter's requests it proposes the base model's guesses, which
+    verification then judges like any others.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device):
+        self.runner = ModelRunner(model, num_blocks, block_size, device)
+        self.generator: torch.Generator | None = None  # the engine's, for sampled drafts
+
+    def lookahead(self, seq: Sequence, k: int) -> int:
+        return k
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        self.runner.copy_blocks(copies)
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        drafted: list[list[int]] = [[] for _ in seqs]
+        dists: list[list[torch.Tensor]] = [[] for _ in seqs]
+        # Pass 0 catches up from num_draft_computed to the pending token; passes 1.. feed one draft each.
+        for j in range(max(ks, default=0)):
+            active = [i for i, k in enumerate(ks) if k > j]
+            work = []
+            for i in active:
+                seq = seqs[i]
+                tokens = seq.token_ids + drafted[i]
+                start = seq.num_draft_computed if j == 0 else len(tokens) - 1
+                work.append((tokens, start, len(tokens) - start, seq.block_table))
+            order = sorted(range(len(work)), key=lambda r: work[r][2] != 1)  # decodes first
+            logits = self.runner.execute([work[r] for r in order], list(range(len(order))))
+            logits = logits[torch.tensor(order).argsort()]  # back to `active` order
+            chosen = self._choose(logits, [SequenceAhead(seqs[i], drafted[i]) for i in active])
+            for row, i in enumerate(active):
+                token, q = chosen[row]
+                drafted[i].append(token)
+                if q is not None:
+                    dists[i].append(q)
+        for seq, k in zip(seqs, ks, strict=True):
+            if k:
+                seq.num_draft_computed = seq.num_tokens + k - 1  # the last draft was never fed back
+        return [
+            Proposal(tokens, torch.stack(q) if q else None) for tokens, q in zip(drafted, dists, strict=True)
+        ]
+
+    def _choose(
+        self, logits: torch.Tensor, seqs: list[SequenceAhead]
+    ) -> list[tuple[int, torch.Tensor | None]]:
+        """The draft's token per row, after the request's bias and penalties (guessing as the target
+        will choose): the argmax for greedy requests, else a draw from the draft's own tempered, filtered
+        distribution, which is returned as verification needs it."""
+        apply_bias_and_penalties(logits, seqs)
+        out: list[tuple[int, torch.Tensor | None]] = [(t, None) for t in logits.argmax(dim=-1).tolist()]
+        sampled = [r for r, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            params = [seqs[r].params for r in sampled]
+            temps = torch.tensor([p.temperature for p in params], device=logits.device)
+            q = filtered_probs(logits[sampled] / temps[:, None], params)
+            tokens = torch.multinomial(q, 1, generator=self.generator).squeeze(1).tolist()
+            for j, r in enumerate(sampled):
+                out[r] = (tokens[j], q[j])
+        return out
