@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ember import LLM, SamplingParams
+from ember.models.packed import unpack_model
 from ember.models.quant import Int4Linear, Int8Linear, dequantize_int4, quantize_int4
 
 
@@ -108,6 +109,7 @@ def test_int8_engine_equals_float_engine_on_the_same_int8_weights(random_model_d
     quant = LLM(model=path, quantization="int8", kv_cache_memory="32MiB")
     ref = LLM(model=path, kv_cache_memory="32MiB")
     model = ref.engine.model
+    unpack_model(model)  # dense nn.Linear weights, to overwrite
     with torch.no_grad():
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp

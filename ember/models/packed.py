@@ -1,0 +1,77 @@
+"""Dense projections on the CPU through oneDNN, with weights reordered once into its blocked layout.
+
+`F.linear` on the CPU calls MKL's sgemm, whose small-M kernels are slow on these machines (AMD EPYC,
+AVX2): a step with 2 to 8 rows of activations costs two to three times a 1-row step, and the LM head's
+49152 x 576 product at 5 rows costs 2.4x what it does at one. Those are exactly the steps of a small
+decode batch and of speculative verification (k + 1 rows per sequence). oneDNN's matmul on a weight
+reordered ahead of time reads the same values in a cache-friendly order. Measured on the 2-core EPYC,
+float32, microseconds per call (F.linear -> packed):
+
+| weight | 1 row | 2 rows | 5 rows | 16 rows | 256 rows |
+| --- | ---: | ---: | ---: | ---: | ---: |
+| gate_up 3072 x 576 | 300 -> 222 | 827 -> 200 | 771 -> 284 | 1159 -> 956 | 12121 -> 9199 |
+| down 576 x 1536 | 135 -> 135 | 257 -> 138 | 352 -> 176 | 466 -> 348 | 5155 -> 5165 |
+| LM head 49152 x 576 | 14629 -> 8907 | 31228 -> 10008 | 35209 -> 10872 | 38380 -> 16120 | 213264 -> 157300 |
+
+Results agree with F.linear to float32 rounding (a relative 1e-6), not bit for bit: the sums run in
+another order. The reordered weight replaces the dense one, so memory does not grow, except for an LM head
+tied to the embedding table, which keeps the table for lookups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T (+ b); x [T, in] -> [T, out], float32 on the CPU."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # A plain attribute, not a buffer: `.to()` and state_dict() know nothing of oneDNN's layout.
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """[out, in]: a dense copy, to read (editing it changes nothing; unpack_model first)."""
+        return self.packed.to_dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+
+    def unpacked(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+
+def pack_model(model: nn.Module) -> None:
+    """Swap a float32 CPU model's dense projections and LM head for packed ones, in place."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = PackedLinear(attn.qkv_proj)
+        attn.o_proj = PackedLinear(attn.o_proj)
+        mlp.gate_up_proj = PackedLinear(mlp.gate_up_proj)
+        mlp.down_proj = PackedLinear(mlp.down_proj)
+    model.lm_head = PackedLinear(model.lm_head)
+
+
+def unpack_model(model: nn.Module) -> None:
+    """Back to nn.Linear everywhere, for tools and tests that edit weights in place."""
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, module in list(parent.named_children()):
+                if isinstance(module, PackedLinear):
+                    setattr(parent, name, module.unpacked())
+    if isinstance(model.lm_head, PackedLinear):
+        model.lm_head = model.lm_head.unpacked()
