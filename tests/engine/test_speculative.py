@@ -249,3 +249,52 @@ def test_a_draft_deeper_than_its_model_is_refused(random_model_dirs):
     model_dir = random_model_dirs["llama-gqa"]
     with pytest.raises(ValueError, match="draft_num_layers is 9; the draft model has 3"):
         LLM(model=str(model_dir), num_blocks=8, speculative=f"draft:{model_dir}", draft_num_layers=9)
+
+
+# -- the real default model -------------------------------------------------------------------------
+
+TEXT = (
+    "The committee met on Tuesday to discuss the budget for the new library, which will open next spring near "
+    "the river. Members agreed that the reading room should have more windows and that the children's section "
+    "needs new shelves."
+)
+CHATS = [
+    [{"role": "user", "content": f"Repeat this text exactly:\n\n{TEXT}"}],
+    [
+        {
+            "role": "user",
+            "content": f"Fix the spelling and return the text:\n\n{TEXT.replace('windows', 'windos')}",
+        }
+    ],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_default_model_greedy_equals_plain_decoding(default_model_dir, default_llm, method):
+    """The real model, grounded and open prompts in one batch: identical greedy text with speculation, on
+    the first run and again with every prompt from the prefix cache."""
+    params = [
+        SamplingParams(temperature=0, max_tokens=64),
+        SamplingParams(temperature=0, max_tokens=64, logprobs=1),
+        SamplingParams(temperature=0, max_tokens=24, presence_penalty=0.5),
+        SamplingParams(temperature=0, max_tokens=40, n=2),
+    ]
+    want = _ids(default_llm.chat(CHATS, params))
+    if method == "ngram":
+        config = SpeculativeConfig(method="ngram", max_batch_tokens=64)
+    else:  # the model's first 10 of 30 layers, as a truncated draft
+        config = SpeculativeConfig(
+            method="draft", draft_model=str(default_model_dir), draft_num_layers=10, max_batch_tokens=64
+        )
+    spec = LLM(model=str(default_model_dir), kv_cache_memory="256MiB", speculative=config)
+    for round_ in range(2):
+        got = spec.chat(CHATS, params)
+        assert _ids(got) == want
+        if round_:
+            assert all(r.num_cached_tokens > 0 for r in got)
+    s = spec.engine.speculator
+    assert 0 < s.num_accepted_tokens < s.num_draft_tokens
+    assert spec.engine.kv.pool.is_whole()
