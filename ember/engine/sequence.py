@@ -46,6 +46,7 @@ class Sequence:
     num_draft_computed: int = 0
     spec_acceptance: float = 1.0
     spec_paused_steps: int = 0
+    spec_num_pauses: int = 0  # pauses in a row
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

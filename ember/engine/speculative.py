@@ -19,7 +19,7 @@ length stops after the last kept token, and blocks past the sequence's end go ba
 Speculation adapts. Per step, k shrinks as the batch grows, so that running sequences x (1 + k) stays
 within `max_batch_tokens`, and is off past it: a large batch keeps the hardware busy already, and
 verifying guesses would cost more than they save. Per sequence, one whose recent acceptance rate falls
-below `min_acceptance` pauses for a few steps. Sequences under a grammar and seeded sampled ones do not
+below `min_acceptance` pauses for a few steps, twice as many at each pause in a row. Sequences under a grammar and seeded sampled ones do not
 speculate: a seeded sample must not depend on what shares its batch.
 """
 
@@ -35,8 +35,10 @@ from ember.engine.sampler import apply_bias_and_penalties, filtered_probs, logpr
 from ember.engine.sequence import Sequence, SequenceAhead
 from ember.outputs import Logprob
 
-# Steps a sequence with a low acceptance rate decodes plainly before it proposes again.
+# Steps a sequence with a low acceptance rate decodes plainly before it proposes again: doubled at each
+# pause in a row (a proposer that is never right costs ever less), back to the start once it does well.
 _PAUSE_STEPS = 8
+_MAX_PAUSE_STEPS = 256
 
 
 @dataclass
@@ -171,6 +173,10 @@ class Speculator:
         self.num_draft_tokens += proposed
         self.num_accepted_tokens += kept
         seq.spec_acceptance = 0.5 * seq.spec_acceptance + 0.5 * kept / proposed
-        if seq.spec_acceptance < self.config.min_acceptance:
-            seq.spec_paused_steps = _PAUSE_STEPS
-            seq.spec_acceptance = 0.5  # a fresh start after the pause
+        floor = self.config.min_acceptance
+        if seq.spec_acceptance < floor:
+            seq.spec_paused_steps = min(_PAUSE_STEPS << seq.spec_num_pauses, _MAX_PAUSE_STEPS)
+            seq.spec_num_pauses += 1
+            seq.spec_acceptance = 1.5 * floor  # after the pause, one more miss pauses it again
+        elif seq.spec_acceptance >= 0.5:
+            seq.spec_num_pauses = 0

@@ -220,18 +220,24 @@ def test_large_batches_decode_plainly_and_small_ones_speculate(random_model_dirs
     assert llm.engine.speculator.num_drafts > 0
 
 
-def test_a_sequence_with_low_acceptance_pauses():
+def test_a_sequence_with_low_acceptance_pauses_ever_longer():
     spec = Speculator(SpeculativeConfig(method="ngram", min_acceptance=0.25), NgramProposer(4, 1))
 
     class Seq:
-        spec_acceptance, spec_paused_steps = 1.0, 0
+        spec_acceptance, spec_paused_steps, spec_num_pauses = 1.0, 0, 0
 
     seq = Seq()
     for _ in range(2):
         spec._learn(seq, kept=0, proposed=4)
         assert seq.spec_paused_steps == 0
     spec._learn(seq, kept=0, proposed=4)  # 1 -> 0.5 -> 0.25 -> 0.125: below the floor
-    assert seq.spec_paused_steps > 0
+    pauses = [seq.spec_paused_steps]
+    for _ in range(3):  # after each pause, one more miss pauses it again, for twice as long
+        spec._learn(seq, kept=0, proposed=4)
+        pauses.append(seq.spec_paused_steps)
+    assert pauses == [8, 16, 32, 64]
+    spec._learn(seq, kept=4, proposed=4)  # a good step ends the streak
+    assert seq.spec_num_pauses == 0
 
 
 def test_config_is_checked():
