@@ -84,7 +84,7 @@ class SpeculativeConfig:
         """'ngram', 'draft:MODEL' or None/'none' (off), as the --speculative flag takes them."""
         if spec is None or spec.lower() in ("", "none", "off"):
             return cls(**kwargs)
-        if spec == "ngram":
+        if spec.lower() == "ngram":
             return cls(method="ngram", **kwargs)
         if spec.startswith("draft:") and spec[len("draft:") :]:
             return cls(method="draft", draft_model=spec[len("draft:") :], **kwargs)
@@ -97,6 +97,8 @@ class SpeculativeConfig:
             raise ValueError("speculative method draft needs a draft model: draft:MODEL")
         if not 1 <= self.num_speculative_tokens <= 32:
             raise ValueError(f"num_speculative_tokens must be 1..32 (got {self.num_speculative_tokens})")
+        if self.draft_num_layers is not None and self.method != "draft":
+            raise ValueError("draft_num_layers applies to a draft model: pass draft:MODEL as the method")
         if self.draft_num_layers is not None and self.draft_num_layers < 1:
             raise ValueError(f"draft_num_layers must be at least 1 (got {self.draft_num_layers})")
         if not 1 <= self.ngram_min <= self.ngram_max:

@@ -33,7 +33,10 @@ class LLM:
         spec_kwargs = {
             k: kwargs.pop(k) for k in ("num_speculative_tokens", "draft_num_layers") if k in kwargs
         }
-        if not isinstance(spec, SpeculativeConfig):
+        if isinstance(spec, SpeculativeConfig):
+            if spec_kwargs:
+                raise ValueError(f"pass {', '.join(spec_kwargs)} inside the SpeculativeConfig")
+        else:
             spec = SpeculativeConfig.parse(spec, **spec_kwargs)
         config = EngineConfig(
             model=model,

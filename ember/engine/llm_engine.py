@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import torch
 
@@ -56,12 +57,16 @@ class LLMEngine:
         self.eos_token_ids = self.model_config.eos_token_ids or [self.tokenizer.eos_token_id]
         cache = config.cache
         per_block = ModelRunner.bytes_per_block(self.model_config, cache.block_size, config.torch_dtype)
+        draft = self._draft_source() if config.speculative.method == "draft" else None
+        if draft is not None:  # the draft's KV blocks mirror the target's, within the same budget
+            per_block += ModelRunner.bytes_per_block(draft[1], cache.block_size, config.torch_dtype)
         num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
         log.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB)",
+            "KV cache: %d blocks of %d tokens (%.0f MiB%s)",
             num_blocks,
             cache.block_size,
             num_blocks * per_block / 2**20,
+            ", the draft model's included" if draft is not None else "",
         )
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.lora: LoRAManager | None = None
@@ -77,12 +82,11 @@ class LLMEngine:
         self.last_step_idle = False  # the last step had nothing to schedule
         # Draws for requests without a seed of their own: reproducible per engine seed.
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.speculator = self._speculator(num_blocks) if config.speculative.method else None
+        self.speculator = self._speculator(num_blocks, draft) if config.speculative.method else None
 
-    def _speculator(self, num_blocks: int) -> Speculator:
+    def _draft_source(self) -> tuple[Path, ModelConfig]:
+        """Where the draft model comes from and its config (truncated as asked), checked against the target."""
         sc = self.config.speculative
-        if sc.method == "ngram":
-            return Speculator(sc, NgramProposer(sc.ngram_max, sc.ngram_min))
         path = resolve_model(sc.draft_model)
         cfg = ModelConfig.from_dir(path)
         if sc.draft_num_layers is not None:
@@ -98,17 +102,18 @@ class LLMEngine:
                 f"the draft model's vocabulary has {cfg.vocab_size} rows, the target's "
                 f"{self.model_config.vocab_size}"
             )
-        draft = load_model(
+        return path, cfg
+
+    def _speculator(self, num_blocks: int, draft: tuple[Path, ModelConfig] | None) -> Speculator:
+        sc = self.config.speculative
+        if draft is None:
+            return Speculator(sc, NgramProposer(sc.ngram_max, sc.ngram_min))
+        path, cfg = draft
+        model = load_model(
             path, cfg, self.config.torch_dtype, self.device, self.max_model_len, self.config.quantization
         )
-        per_block = ModelRunner.bytes_per_block(cfg, self.kv.block_size, self.config.torch_dtype)
-        log.info(
-            "draft model %s: %d layers, its KV cache %.0f MiB",
-            sc.draft_model,
-            cfg.num_hidden_layers,
-            num_blocks * per_block / 2**20,
-        )
-        proposer = DraftProposer(draft, num_blocks, self.kv.block_size, self.device)
+        log.info("draft model %s: %d layers", sc.draft_model, cfg.num_hidden_layers)
+        proposer = DraftProposer(model, num_blocks, self.kv.block_size, self.device)
         proposer.generator = self.generator
         return Speculator(sc, proposer)
 

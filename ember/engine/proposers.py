@@ -20,6 +20,9 @@ from ember.engine.sampler import apply_bias_and_penalties, filtered_probs
 from ember.engine.sequence import Sequence, SequenceAhead
 from ember.models.llama import LlamaForCausalLM
 
+# The most tokens of a sequence the draft model catches up on in one step.
+_CATCH_UP_TOKENS = 128
+
 
 @dataclass
 class Proposal:
@@ -90,32 +93,56 @@ class DraftProposer:
         self.runner.copy_blocks(copies)
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        ks = list(ks)
         drafted: list[list[int]] = [[] for _ in seqs]
         dists: list[list[torch.Tensor]] = [[] for _ in seqs]
-        # Pass 0 catches up from num_draft_computed to the pending token; passes 1.. feed one draft each.
-        for j in range(max(ks, default=0)):
+        # Pass 0 catches each sequence up to its pending token and drafts the first guess. One far behind
+        # (its whole prompt, the first time) advances at most _CATCH_UP_TOKENS a step and proposes
+        # nothing until it is there, so a long prompt never stalls a step.
+        entries, first = [], []
+        for i, seq in enumerate(seqs):
+            if not ks[i]:
+                continue
+            start = seq.num_draft_computed
+            n = min(seq.num_tokens - start, _CATCH_UP_TOKENS)
+            done = start + n == seq.num_tokens
+            entries.append(((seq.token_ids, start, n, seq.block_table), done))
+            if done:
+                first.append(i)
+            else:
+                seq.num_draft_computed = start + n
+                ks[i] = 0
+        if entries:
+            self._draft(self._run(entries), first, seqs, drafted, dists)
+        # Passes 1 .. k-1 feed back the last guess, one token per sequence.
+        for j in range(1, max(ks, default=0)):
             active = [i for i, k in enumerate(ks) if k > j]
-            work = []
+            entries = []
             for i in active:
-                seq = seqs[i]
-                tokens = seq.token_ids + drafted[i]
-                start = seq.num_draft_computed if j == 0 else len(tokens) - 1
-                work.append((tokens, start, len(tokens) - start, seq.block_table))
-            order = sorted(range(len(work)), key=lambda r: work[r][2] != 1)  # decodes first
-            logits = self.runner.execute([work[r] for r in order], list(range(len(order))))
-            logits = logits[torch.tensor(order).argsort()]  # back to `active` order
-            chosen = self._choose(logits, [SequenceAhead(seqs[i], drafted[i]) for i in active])
-            for row, i in enumerate(active):
-                token, q = chosen[row]
-                drafted[i].append(token)
-                if q is not None:
-                    dists[i].append(q)
+                tokens = seqs[i].token_ids + drafted[i]
+                entries.append(((tokens, len(tokens) - 1, 1, seqs[i].block_table), True))
+            self._draft(self._run(entries), active, seqs, drafted, dists)
         for seq, k in zip(seqs, ks, strict=True):
             if k:
-                seq.num_draft_computed = seq.num_tokens + k - 1  # the last draft was never fed back
+                seq.num_draft_computed = seq.num_tokens + k - 1  # the last guess was never fed back
         return [
             Proposal(tokens, torch.stack(q) if q else None) for tokens, q in zip(drafted, dists, strict=True)
         ]
+
+    def _run(self, entries: list[tuple[tuple, bool]]) -> torch.Tensor:
+        """entries: (work item, wants logits). -> logits of the entries that want them, in entry order."""
+        order = sorted(range(len(entries)), key=lambda r: entries[r][0][2] != 1)  # decodes first
+        wanted = [r for r in order if entries[r][1]]
+        rows = [pos for pos, r in enumerate(order) if entries[r][1]]
+        logits = self.runner.execute([entries[r][0] for r in order], rows)
+        return logits[sorted(range(len(wanted)), key=lambda x: wanted[x])]
+
+    def _draft(self, logits, rows: list[int], seqs, drafted, dists) -> None:
+        chosen = self._choose(logits, [SequenceAhead(seqs[i], drafted[i]) for i in rows])
+        for (token, q), i in zip(chosen, rows, strict=True):
+            drafted[i].append(token)
+            if q is not None:
+                dists[i].append(q)
 
     def _choose(
         self, logits: torch.Tensor, seqs: list[SequenceAhead]

@@ -122,6 +122,7 @@ def filtered_probs(logits: torch.Tensor, params) -> torch.Tensor:
     if any(m > 0 for m in min_p):
         floor = torch.tensor(min_p, device=logits.device)[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # speculative acceptance compares p with q
     return probs
 
 

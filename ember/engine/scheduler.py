@@ -1,8 +1,9 @@
 """Continuous batching with one token budget per step.
 
 Each step hands out at most `max_num_batched_tokens` tokens of work: running sequences first (a decode
-costs one token, plus the tokens speculative decoding proposes for it; a prompt still being prefilled
-takes a chunk of what is left), then waiting sequences in arrival order, up to `max_num_seqs` running. A waiting sequence first takes over the longest cached
+costs one token; a prompt still being prefilled takes a chunk of what is left), then waiting sequences in
+arrival order, up to `max_num_seqs` running, and last the slots speculative decoding asked for its
+guesses, from whatever budget and blocks are left. A waiting sequence first takes over the longest cached
 prefix of its tokens (see kv_cache), and only what follows it draws on the budget. When the KV pool
 cannot hold a running sequence's next tokens, the newest running sequence is preempted: its blocks go
 back to the pool and it returns to the front of the queue, to be recomputed (prompt plus what it
@@ -52,13 +53,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            pending = seq.num_tokens - seq.num_computed_tokens
-            n = min(pending + seq.num_lookahead, budget)
-            # Speculative slots only where the pool has room to spare: never preempt anyone for them.
-            if n == pending or not self.kv.allocate_slots(seq, n):
-                n = min(pending, budget)
-                if not self._allocate_or_preempt(seq, n, out):
-                    break
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(seq, n, out):
+                break
             out.num_scheduled[seq] = n
             budget -= n
             i += 1
@@ -86,6 +83,16 @@ class Scheduler:
             out.num_scheduled[seq] = n
             budget -= n
         self.waiting.extendleft(reversed(blocked))
+        # Speculative slots last, from what the budget and the pool have left once every running
+        # sequence and every admission has its tokens: nobody waits or is preempted for a guess.
+        for seq in self.running:
+            n = out.num_scheduled.get(seq)
+            if not seq.num_lookahead or n is None or budget <= 0:
+                continue
+            extra = min(seq.num_lookahead, budget)
+            if n == 1 == seq.num_tokens - seq.num_computed_tokens and self.kv.allocate_slots(seq, 1 + extra):
+                out.num_scheduled[seq] = 1 + extra
+                budget -= extra
         return out
 
     def _allocate_or_preempt(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
@@ -116,6 +123,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.num_draft_computed = 0
+        seq.num_lookahead = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -81,6 +81,7 @@ class Speculator:
     def _eligible(seq: Sequence) -> bool:
         return (
             seq.num_tokens - seq.num_computed_tokens == 1
+            and (seq.params.n == 1 or seq.request.forked)  # its samples fork off its first sampled token
             and seq.request.grammar is None
             and (seq.generator is None or seq.params.greedy)
         )

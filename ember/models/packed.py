@@ -23,12 +23,23 @@ tied to the embedding table, which keeps the table for lookups.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 
+@functools.cache
 def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN is in this torch build and its packed linear runs here (probed once, on a tiny weight)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        linear = nn.Linear(8, 4)
+        got = PackedLinear(linear)(torch.ones(2, 8))
+        return torch.allclose(got, linear(torch.ones(2, 8)), atol=1e-5)
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 class PackedLinear(nn.Module):

@@ -119,3 +119,31 @@ def test_a_sequence_preempts_itself_when_it_is_the_newest():
     sched.finish(a)
     sched.finish(b)
     assert kv.pool.is_whole()
+
+
+def test_speculative_slots_come_last_from_what_is_left():
+    """Every running sequence gets its decode token before anyone gets slots for guesses, and guesses
+    take only leftover budget and free blocks: nobody is starved or preempted for them."""
+    sched, kv = _scheduler(budget=8, blocks=64, block_size=4)
+    seqs = [_seq(1) for _ in range(4)]
+    for s in seqs:
+        sched.add(s)
+    _advance(sched.schedule())  # prefilled: each has one token pending
+    for s in seqs:
+        s.num_lookahead = 3
+    out = sched.schedule()
+    assert all(out.num_scheduled[s] >= 1 for s in seqs)  # all four decode
+    assert sum(out.num_scheduled.values()) == 8  # the 4 tokens left over went to guesses, in order
+    assert [out.num_scheduled[s] for s in seqs] == [4, 2, 1, 1]
+
+
+def test_speculative_slots_never_preempt():
+    sched, kv = _scheduler(budget=64, blocks=2, block_size=4)
+    a, b = _seq(3), _seq(3)
+    sched.add(a)
+    sched.add(b)
+    _advance(sched.schedule())  # each holds one block, with room for its next token
+    a.num_lookahead = b.num_lookahead = 4  # guesses would need a second block each; none is free
+    out = sched.schedule()
+    assert out.num_scheduled == {a: 1, b: 1} and not out.preempted
+    assert kv.pool.num_free == 0

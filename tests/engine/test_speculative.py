@@ -9,6 +9,7 @@ from scipy.stats import chi2_contingency, chisquare
 
 from ember import LLM, SamplingParams, SpeculativeConfig
 from ember.engine.proposers import NgramProposer, Proposal
+from ember.engine.sampler import filtered_probs
 from ember.engine.speculative import Speculator
 from tests.helpers import make_prompts
 
@@ -106,7 +107,8 @@ def test_a_full_copy_as_draft_is_always_accepted(random_model_dirs):
     """The target as its own draft: every proposal kept, one bonus token per step, the output unchanged."""
     model_dir = random_model_dirs["qwen2-bias"]
     plain = LLM(model=str(model_dir), num_blocks=256)
-    prompts = _prompts(plain.tokenizer, seed=8)[:3]
+    # The long prompt: the draft catches up on it over several steps before it proposes.
+    prompts = _prompts(plain.tokenizer, seed=8)[:3] + make_prompts(plain.tokenizer, [300], seed=9)
     spec = LLM(
         model=str(model_dir),
         num_blocks=256,
@@ -118,6 +120,38 @@ def test_a_full_copy_as_draft_is_always_accepted(random_model_dirs):
     s = spec.engine.speculator
     assert s.num_drafts > 0 and s.num_accepted_tokens == s.num_draft_tokens
     assert s.num_emitted_tokens > 5 * s.num_drafts  # k + 1 tokens per speculative step, short only at the end
+
+
+@pytest.mark.parametrize("max_tokens", [3, 20])
+def test_samples_fork_before_any_speculation(random_model_dirs, max_tokens):
+    """A prompt whose last prefill chunk is a single token leaves the parent of an n=2 request with one
+    token pending before it has forked: it must sample plainly (and fork) first, or its samples would
+    never all exist."""
+    model_dir = random_model_dirs["llama-gqa"]
+    prompt = make_prompts(LLM(model=str(model_dir), num_blocks=8).tokenizer, [9], seed=4)[0]
+    assert len(prompt) % 4 == 1  # chunks of 4, then 1
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, n=2, ignore_eos=True, logit_bias=LOOP3)
+    want = LLM(model=str(model_dir), num_blocks=64, max_num_batched_tokens=4).generate(prompt, params)
+    spec = LLM(
+        model=str(model_dir),
+        num_blocks=64,
+        max_num_batched_tokens=4,
+        speculative=SpeculativeConfig(
+            method="ngram", ngram_min=1, num_speculative_tokens=2, max_batch_tokens=64
+        ),
+    )
+    got = spec.generate(prompt, params)
+    assert _ids(got) == _ids(want) and len(got[0].outputs) == 2
+    assert spec.engine.kv.pool.is_whole()
+
+
+def test_min_p_probabilities_are_normalised():
+    """Rejection sampling compares p with q, so the filtered distribution must sum to one."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -3.0], [0.5, 0.4, 0.3, 0.2]])
+    params = [SamplingParams(min_p=0.3), SamplingParams(top_k=2, min_p=0.1)]
+    probs = filtered_probs(logits, params)
+    assert torch.allclose(probs.sum(dim=-1), torch.ones(2))
+    assert probs[0, 3] == 0 and probs[1, 2] == 0
 
 
 def test_preemption_and_aborts_with_many_rejections_leave_the_pool_whole(random_model_dirs):
