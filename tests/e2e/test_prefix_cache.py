@@ -229,7 +229,9 @@ def test_timing_audit_finds_sharing_within_a_tenant_and_none_across(tenants):
     def timed(who: str, tokens: list[int]) -> float:
         body = {"model": MODEL, "prompt": tokens, "max_tokens": 1, "temperature": 0}
         t0 = time.perf_counter()
-        r = httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS[who]}"})
+        r = httpx.post(
+            url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEYS[who]}"}, timeout=120
+        )
         assert r.status_code == 200, r.text
         return time.perf_counter() - t0
 
