@@ -83,3 +83,18 @@ def make_prompts(tokenizer, lengths: list[int], seed: int = 0) -> list[list[int]
         ids = tokenizer.apply_chat_template([{"role": "user", "content": f"Summarize: {text}"}])
         prompts.append(ids)
     return prompts
+
+
+# A tool the function-calling tests declare (server unit tests and end-to-end).
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}

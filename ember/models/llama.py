@@ -87,6 +87,18 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def swap_projections(model: LlamaForCausalLM, make, make_head=None) -> None:
+    """Replace, in place, every decoder layer's four projections with make(projection) and the LM head with
+    make_head(lm_head) (make, when not given): how quantization and the CPU packing install themselves."""
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = make(attn.qkv_proj)
+        attn.o_proj = make(attn.o_proj)
+        mlp.gate_up_proj = make(mlp.gate_up_proj)
+        mlp.down_proj = make(mlp.down_proj)
+    model.lm_head = (make_head or make)(model.lm_head)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None):
         super().__init__()

@@ -28,6 +28,8 @@ import functools
 import torch
 from torch import nn
 
+from ember.models.llama import swap_projections
+
 
 @functools.cache
 def packing_available() -> bool:
@@ -71,21 +73,9 @@ class PackedLinear(nn.Module):
 
 def pack_model(model: nn.Module) -> None:
     """Swap a float32 CPU model's dense projections and LM head for packed ones, in place."""
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = PackedLinear(attn.qkv_proj)
-        attn.o_proj = PackedLinear(attn.o_proj)
-        mlp.gate_up_proj = PackedLinear(mlp.gate_up_proj)
-        mlp.down_proj = PackedLinear(mlp.down_proj)
-    model.lm_head = PackedLinear(model.lm_head)
+    swap_projections(model, PackedLinear)
 
 
 def unpack_model(model: nn.Module) -> None:
     """Back to nn.Linear everywhere, for tools and tests that edit weights in place."""
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, module in list(parent.named_children()):
-                if isinstance(module, PackedLinear):
-                    setattr(parent, name, module.unpacked())
-    if isinstance(model.lm_head, PackedLinear):
-        model.lm_head = model.lm_head.unpacked()
+    swap_projections(model, lambda m: m.unpacked() if isinstance(m, PackedLinear) else m)

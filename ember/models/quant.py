@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.models.llama import swap_projections
+
 GROUP_SIZE = 32
 DENSE_ABOVE_ROWS = 8
 QUANTIZATIONS = ("int4", "int8")
@@ -123,11 +125,4 @@ def quantize_model(model: nn.Module, method: str) -> None:
         raise ValueError(f"unknown quantization '{method}'; known: {', '.join(QUANTIZATIONS)}")
     if method == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         raise ValueError(f"int4 needs torch 2.6 or newer for its CPU kernels (this is {torch.__version__})")
-    make = Int4Linear if method == "int4" else Int8Linear
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = make(attn.qkv_proj)
-        attn.o_proj = make(attn.o_proj)
-        mlp.gate_up_proj = make(mlp.gate_up_proj)
-        mlp.down_proj = make(mlp.down_proj)
-    model.lm_head = Int8Linear(model.lm_head)
+    swap_projections(model, Int4Linear if method == "int4" else Int8Linear, Int8Linear)

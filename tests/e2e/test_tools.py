@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, wait_idle
+from tests.helpers import ADD
 
 WEATHER = {
     "type": "function",
@@ -25,18 +26,6 @@ WEATHER = {
                 "unit": {"enum": ["celsius", "fahrenheit"]},
             },
             "required": ["city", "unit"],
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
         },
     },
 }
@@ -221,7 +210,7 @@ BAD_TOOLS = [
     ({"tools": [{"type": "retrieval"}]}, "tools"),
     ({"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "nope"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [ADD] * 0 + [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "128"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "128"),
     (
         {
             "tools": [

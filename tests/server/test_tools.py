@@ -12,19 +12,8 @@ import pytest
 from ember.server import tools
 from ember.server.protocol import ChatCompletionRequest
 from tests.fixtures_tokenizer import smollm2_tokenizer
+from tests.helpers import ADD
 
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-        },
-    },
-}
 CITY = {
     "type": "function",
     "function": {
