@@ -283,6 +283,10 @@ def test_config_is_checked():
             SpeculativeConfig.parse(bad)
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         SpeculativeConfig(method="ngram", num_speculative_tokens=0)
+    with pytest.raises(ValueError, match="draft_num_layers applies to a draft model"):
+        SpeculativeConfig.parse("ngram", draft_num_layers=4)
+    with pytest.raises(ValueError, match="inside the SpeculativeConfig"):
+        LLM(model="unused", speculative=SpeculativeConfig(method="ngram"), num_speculative_tokens=3)
 
 
 def test_a_draft_deeper_than_its_model_is_refused(random_model_dirs):
