@@ -85,7 +85,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, path: str, timeout: float = 3
 
 @contextlib.contextmanager
 def server(
-    name: str, args: argparse.Namespace, log_dir: Path, ember_flags: list[str] = EMBER_FLAGS
+    name: str, args: argparse.Namespace, log_dir: Path, ember_flags: list[str] | None = None
 ) -> Iterator[tuple[str, str]]:
     """Start one engine's server; yields (base url, a line describing its version and settings)."""
     port = free_port()
@@ -93,7 +93,9 @@ def server(
     gguf = str(known_model_file(MODEL))
     slots = max(args.concurrency)
     if name in ("ember", "ember-no-cache"):
-        flags = ember_flags + (["--no-prefix-cache"] if name == "ember-no-cache" else [])
+        flags = (ember_flags or args.ember_flags.split()) + (
+            ["--no-prefix-cache"] if name == "ember-no-cache" else []
+        )
         cmd = [str(Path(sys.executable).parent / "ember"), "serve", "--port", str(port)]
         cmd += ["--embedding-model", "none", "--log-level", "warning", *flags]
         ready, desc = "/ready", "ember 0.1.0 (this commit), `ember serve " + " ".join(flags) + "`"
@@ -155,6 +157,7 @@ def main() -> None:
     )
     ap.add_argument("--hf-requests", type=int, default=8, help="requests per HF run, at most")
     ap.add_argument("--llama-server", default=str(DEFAULT_LLAMA_SERVER))
+    ap.add_argument("--ember-flags", default=" ".join(EMBER_FLAGS), help="ember serve's flags")
     ap.add_argument("--out", default=str(ROOT / "benchmarks"))
     ap.add_argument("--render-only", action="store_true", help="redo RESULTS.md and plots from compare.json")
     ap.add_argument(

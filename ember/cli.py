@@ -149,7 +149,8 @@ def serve(
     dtype: str = typer.Option("float32"),
     quantization: str = typer.Option(
         "none",
-        help="int4: 4-bit weights, with --dtype bfloat16; int8: any dtype, the choice without AVX-512 (CPU)",
+        help="q4_1 or q8_0: GGUF block formats on ember's AVX2 kernels (float32, the fastest on CPUs "
+        "without AVX-512); int4: 4-bit weights with --dtype bfloat16; int8: any dtype (CPU)",
     ),
     kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
     max_num_seqs: int = typer.Option(128, help="cap on running sequences"),

@@ -114,7 +114,7 @@ class EngineConfig:
     model: str = "smollm2-135m-instruct"
     device: str = "cpu"
     dtype: str = "float32"
-    quantization: str | None = None  # "int4" (CPU, bfloat16) or "int8" (CPU): see ember.models.quant
+    quantization: str | None = None  # q4_1, q8_0 (float32), int4 (bfloat16), int8; CPU: ember.models.quant
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     seed: int = 0  # for requests that give no seed of their own
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -129,17 +129,24 @@ class EngineConfig:
             self.quantization = None
         if self.quantization is not None:
             self.quantization = self.quantization.lower()
-            if self.quantization not in ("int4", "int8"):
-                raise ValueError(f"quantization must be int4, int8 or none (got '{self.quantization}')")
+            if self.quantization not in ("int4", "int8", "q4_1", "q8_0"):
+                raise ValueError(
+                    f"quantization must be q4_1, q8_0, int4, int8 or none (got '{self.quantization}')"
+                )
             if self.device != "cpu":
                 raise ValueError(
                     f"quantization {self.quantization} runs on the CPU (got device {self.device})"
+                )
+            if self.quantization in ("q4_1", "q8_0") and self.dtype != "float32":
+                raise ValueError(
+                    f"quantization {self.quantization} runs with float32 activations: pass dtype float32 "
+                    f"(got {self.dtype})"
                 )
             if self.quantization == "int4" and self.dtype != "bfloat16":
                 raise ValueError(
                     f"quantization int4 runs with bfloat16 activations: pass dtype bfloat16 (got {self.dtype})"
                 )
-            if self.dtype == "float16":
+            if self.quantization == "int8" and self.dtype == "float16":
                 raise ValueError("quantization int8 runs with float32 or bfloat16 activations (got float16)")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1 (got {self.max_model_len})")

@@ -14,6 +14,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from ember.kernels import cpu as cpu_kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -79,11 +81,25 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    cpu_kernel: bool = False,
 ) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context."""
+    """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context. cpu_kernel: the decode
+    queries go through ember's C kernel (float32 on the CPU), which reads the blocks in place."""
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd:
+    if nd and cpu_kernel:
+        q_dec = q[:nd].contiguous()
+        cpu_kernels.decode_attention(
+            q_dec,
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            meta.sliding_window,
+            scale,
+            out[:nd],
+        )
+    elif nd:
         out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)

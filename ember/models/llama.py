@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.kernels import cpu as cpu_kernels
 from ember.models.attention import AttentionMetadata, paged_attention, write_kv
 from ember.models.config import ModelConfig
 from ember.models.rope import RotaryEmbedding, apply_rotary
@@ -22,8 +23,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.cpu_kernel = False  # float32 on the CPU: ember's C kernel (see use_cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_kernel:
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 and scale after casting back, as HF does, so low-precision runs agree too.
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
@@ -42,6 +46,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        self.cpu_kernels = False
 
     def forward(
         self,
@@ -51,12 +56,20 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
+        k_cache, v_cache = kv_cache
+        if self.cpu_kernels:
+            cos, sin = cos_sin
+            qkv = self.qkv_proj(x).contiguous()
+            q = cpu_kernels.rope_write_kv(
+                qkv, cos.view(t, -1), sin.view(t, -1), meta.slot_mapping, k_cache, v_cache, self.num_heads
+            )
+            o = paged_attention(q, k_cache, v_cache, meta, self.scale, cpu_kernel=True)
+            return self.o_proj(o.reshape(t, self.q_size))
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(cos_sin, q, k)
-        k_cache, v_cache = kv_cache
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
@@ -126,6 +139,15 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, kv, meta)
         return self.norm(x)
+
+    def use_cpu_kernels(self, on: bool = True) -> None:
+        """Run RMSNorm, the rotary embedding with the KV cache write, and decode attention through ember's C
+        kernels (ember.kernels.cpu): a float32 model on an AVX2 CPU. The PyTorch code stays the reference."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.cpu_kernel = on
+            elif isinstance(module, Attention):
+                module.cpu_kernels = on
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in fp32."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+from ember.kernels import cpu as cpu_kernels
 from ember.models.config import ModelConfig
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed import pack_model, packing_available
@@ -32,6 +34,9 @@ def load_model(
     if quantization is not None:  # from the fp32 weights; the quantized buffers are bf16 already
         quantize_model(model, quantization)
     model = model.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu" and dtype == torch.float32 and quantization is None and packing_available():
-        pack_model(model)  # oneDNN's matmul on reordered weights: faster at every batch size here
+    if device.type == "cpu" and dtype == torch.float32:
+        if quantization is None and packing_available():
+            pack_model(model)  # oneDNN's matmul on reordered weights: faster at every batch size here
+        if os.environ.get("EMBER_CPU_KERNELS", "1") != "0" and cpu_kernels.available():
+            model.use_cpu_kernels()
     return model

@@ -1,0 +1,227 @@
+"""Build and load ember's C kernels for the CPU (cpu.c) on first use.
+
+The source ships with the package; the first process that needs it compiles it with the machine's C
+compiler (`$CC`, else `cc`) into ember's cache directory, keyed by a hash of the source, the flags and the
+compiler, and later processes load that library. It is linked against OpenMP, whose runtime torch has
+already loaded, so its loops share torch's threads (and follow `torch.set_num_threads`).
+
+Needs x86-64 with AVX2, FMA and F16C, and a C compiler; `unavailable_reason()` says what is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ember.models.gguf import ember_cache_dir
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAGS = [
+    "-O3",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+    "-fopenmp",
+    "-fPIC",
+    "-shared",
+    "-Wl,--no-undefined",
+    "-Werror=implicit-function-declaration",
+]
+CPU_FLAGS = ("avx2", "fma", "f16c")
+FORMATS = {"q4_1": 0, "q8_0": 1}
+F32 = torch.float32
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the kernels run here; else why not, in words."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"ember's CPU kernels need x86-64 (this is {platform.machine()})"
+    flags = _cpu_flags()
+    missing = [f for f in CPU_FLAGS if flags is not None and f not in flags]
+    if missing or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"ember's CPU kernels need AVX2, FMA and F16C (this CPU lacks {', '.join(missing) or 'AVX2'})"
+    try:
+        _library()
+    except (OSError, RuntimeError) as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(
+            f"ember's CPU kernels are built on first use, and no C compiler '{compiler}' is here"
+        )
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out_dir = ember_cache_dir() / "kernels"
+    path = out_dir / f"cpu-{key}.so"
+    if not path.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Compile next to the target and rename: processes building at once never load a half-written file.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        try:
+            proc = subprocess.run(
+                [compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"building ember's CPU kernels failed:\n{proc.stderr.strip()[-2000:]}")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(path))
+    fn = lib.ember_quant_linear
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.ember_rms_norm.argtypes = [ptr, ptr, f32, i64, i64, ptr]
+    lib.ember_rope_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+    lib.ember_decode_attention.argtypes = [
+        ptr,
+        ptr,
+        ptr,
+        i64,
+        i64,
+        ptr,
+        i64,
+        ptr,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        f32,
+    ]
+    lib.ember_decode_attention.argtypes += [ptr]
+    for fn in (lib.ember_rms_norm, lib.ember_rope_write_kv, lib.ember_decode_attention):
+        fn.restype = None
+    return lib
+
+
+def quant_linear(
+    fmt: str,
+    x: torch.Tensor,  # [M, K] float32, contiguous
+    codes: torch.Tensor,  # q4_1: [N, K / 2] uint8; q8_0: [N, K] int8
+    d: torch.Tensor,  # [N, K / 32] float16 bits (int16)
+    m: torch.Tensor | None,  # q4_1: [N, K / 32] float16 bits (int16)
+    bias: torch.Tensor | None,  # [N] float32
+) -> torch.Tensor:
+    """y [M, N] float32 = x @ W.T (+ bias), W in block format `fmt`."""
+    rows, k = x.shape
+    n = codes.shape[0]
+    y = torch.empty(rows, n, dtype=torch.float32)
+    err = _library().ember_quant_linear(
+        FORMATS[fmt],
+        x.data_ptr(),
+        rows,
+        k,
+        codes.data_ptr(),
+        d.data_ptr(),
+        None if m is None else m.data_ptr(),
+        n,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+    )
+    if err:
+        raise MemoryError(f"ember_quant_linear could not allocate its scratch for {rows} x {k}")
+    return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, H] float32 -> weight * x / sqrt(mean(x^2) + eps), row by row."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def rope_write_kv(
+    qkv: torch.Tensor,  # [T, (Hq + 2 * Hkv) * D] float32, the fused projection's output
+    cos: torch.Tensor,  # [T, D]
+    sin: torch.Tensor,
+    slots: torch.Tensor,  # [T] int64
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, D]
+    v_cache: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """Rotate q and k, write k and v to their cache slots; returns the rotated q [T, Hq, D]."""
+    hkv, d = k_cache.shape[0], k_cache.shape[-1]
+    t = qkv.shape[0]
+    q = torch.empty(t, num_heads, d, dtype=F32)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    _library().ember_rope_write_kv(
+        qkv.data_ptr(),
+        qkv.stride(0),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        slots.data_ptr(),
+        t,
+        num_heads,
+        hkv,
+        d,
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[1] * k_cache.shape[2],
+        q.data_ptr(),
+    )
+    return q
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D] float32, contiguous
+    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int64
+    context_lens: torch.Tensor,  # [B] int64
+    window: int | None,
+    scale: float,
+    out: torch.Tensor,  # [B, Hq, D] float32, contiguous: written
+) -> None:
+    b, hq, d = q.shape
+    _library().ember_decode_attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[1] * k_cache.shape[2],
+        k_cache.shape[2],
+        block_tables.data_ptr(),
+        block_tables.shape[1],
+        context_lens.data_ptr(),
+        b,
+        hq,
+        k_cache.shape[0],
+        d,
+        window or 0,
+        scale,
+        out.data_ptr(),
+    )
