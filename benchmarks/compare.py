@@ -54,7 +54,7 @@ from ember.models.catalog import DEFAULT_MODEL, known_model_file
 MODEL = DEFAULT_MODEL
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LLAMA_SERVER = Path("~/.cache/ember/llamacpp/build/bin/llama-server").expanduser()
-EMBER_FLAGS = ["--dtype", "bfloat16", "--quantization", "int4", "--kv-cache-memory", "1GiB"]
+EMBER_FLAGS = ["--quantization", "q4_1", "--kv-cache-memory", "1GiB"]
 WORKLOADS = {
     "random": dict(kind="random", input_len=256, output_len=128),
     "shared-prefix": dict(

@@ -65,6 +65,15 @@ static void quantize_activations(const float *x, int64_t n_blocks, int8_t *xq, f
     }
 }
 
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 static inline __m256i unpack_q4(const uint8_t *p) {
     const __m128i packed = _mm_loadu_si128((const __m128i *)p);
     const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
@@ -109,13 +118,16 @@ INLINE void tile(int format, const uint8_t *w, int64_t row_bytes, const float *w
         }
     }
     for (int j = 0; j < RM; j++) {
+        float sums[4];
+        if (RN == 4) {  // four horizontal sums at once
+            const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][j], acc[1][j]), _mm256_hadd_ps(acc[2][j], acc[3][j]));
+            _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+        } else {
+            for (int i = 0; i < RN; i++) sums[i] = hsum(acc[i][j]);
+        }
         for (int i = 0; i < RN; i++) {
-            float sum = hsum(acc[i][j]);
-            if (format == 0) {  // the m term: sum over blocks of m * d_x * sum(x codes)
-                const float *ms = wm + i * nb, *ss = xs + (m0 + j) * nb;
-                for (int64_t b = 0; b < nb; b++) sum += ms[b] * ss[b];
-            }
-            out[j * RN + i] = sum;
+            if (format == 0) sums[i] += dot_f32(wm + i * nb, xs + (m0 + j) * nb, nb);  // the m term
+            out[j * RN + i] = sums[i];
         }
     }
 }
@@ -187,15 +199,6 @@ int ember_quant_linear(int format, const float *x, int64_t M, int64_t K, const v
 // The other pieces of a step, float32. Each replaces a handful of PyTorch ops (and their dispatch, which
 // on a 2-core CPU costs more than the arithmetic of one decode token).
 
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 // out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps), for T rows of H.
 void ember_rms_norm(const float *x, const float *w, float eps, int64_t T, int64_t H, float *out) {
 #pragma omp parallel for schedule(static) if (T > 16)
@@ -230,10 +233,32 @@ void ember_rope_write_kv(const float *qkv, int64_t ld, const float *cos, const f
     }
 }
 
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7 (relative error
+// under 2e-7), times 2^n through the exponent bits. Inputs below -87 give 0.
+static inline __m256 exp256(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts, exact first
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
 // Attention of B decode queries over their paged contexts. q [B, Hq, D]; caches [Hkv, n_slots, D] with
 // block size bs; block_tables [B, max_blocks]; context_lens [B]; window 0 for none, else each query sees
-// its last `window` keys. out [B, Hq, D]. Each (sequence, KV head) is one task: its Hq / Hkv query heads
-// share every key and value read.
+// its last `window` keys. out [B, Hq, D]. One task per (sequence, query head), so that even a single
+// sequence splits evenly over the threads.
 void ember_decode_attention(const float *q, const float *k_cache, const float *v_cache, int64_t n_slots,
                             int64_t bs, const int64_t *block_tables, int64_t max_blocks,
                             const int64_t *context_lens, int64_t B, int64_t Hq, int64_t Hkv, int64_t D,
@@ -242,45 +267,46 @@ void ember_decode_attention(const float *q, const float *k_cache, const float *v
 #pragma omp parallel
     {
         int64_t cap = 0;
-        float *scores = NULL;
+        float *sc = NULL;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * Hkv; task++) {
-            const int64_t b = task / Hkv, h = task % Hkv, len = context_lens[b];
+        for (int64_t task = 0; task < B * Hq; task++) {
+            const int64_t b = task / Hq, hq = task % Hq, h = hq / G, len = context_lens[b];
             const int64_t first = window > 0 && len > window ? len - window : 0, n = len - first;
-            if (n * G > cap) {
-                free(scores);
-                cap = n * G;
-                scores = (float *)malloc(sizeof(float) * (size_t)cap);
+            if (n + 8 > cap) {
+                free(sc);
+                cap = n + 8 > 4096 ? n + 8 : 4096;
+                sc = (float *)malloc(sizeof(float) * (size_t)cap);
             }
             const int64_t *table = block_tables + b * max_blocks;
             const float *kh = k_cache + h * n_slots * D, *vh = v_cache + h * n_slots * D;
-            for (int64_t g = 0; g < G; g++) {
-                const float *qg = q + (b * Hq + h * G + g) * D;
-                float *sc = scores + g * n, mx = -INFINITY;
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t p = first + j;
-                    sc[j] = scale * dot_f32(qg, kh + (table[p / bs] * bs + p % bs) * D, D);
-                    mx = sc[j] > mx ? sc[j] : mx;
-                }
-                float sum = 0.0f;
-                for (int64_t j = 0; j < n; j++) {
-                    sc[j] = expf(sc[j] - mx);
-                    sum += sc[j];
-                }
-                const float inv = 1.0f / sum;
-                float *o = out + (b * Hq + h * G + g) * D;
-                memset(o, 0, sizeof(float) * D);
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t p = first + j;
-                    const float *vr = vh + (table[p / bs] * bs + p % bs) * D;
-                    const float pj = sc[j] * inv;
-                    int64_t i = 0;
-                    for (; i + 8 <= D; i += 8)
-                        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(pj), _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
-                    for (; i < D; i++) o[i] += pj * vr[i];
-                }
+            const float *qh = q + (b * Hq + hq) * D;
+            float mx = -INFINITY;
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t p = first + j;
+                sc[j] = scale * dot_f32(qh, kh + (table[p / bs] * bs + p % bs) * D, D);
+                mx = sc[j] > mx ? sc[j] : mx;
             }
+            for (int64_t j = n; j < n + 8; j++) sc[j] = -INFINITY;  // padding: e^-inf is 0
+            __m256 sum8 = _mm256_setzero_ps();
+            const __m256 mx8 = _mm256_set1_ps(mx);
+            for (int64_t j = 0; j < n; j += 8) {
+                const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mx8));
+                _mm256_storeu_ps(sc + j, e);
+                sum8 = _mm256_add_ps(sum8, e);
+            }
+            const float inv = 1.0f / hsum(sum8);
+            float *o = out + (b * Hq + hq) * D;
+            memset(o, 0, sizeof(float) * D);
+            for (int64_t j = 0; j < n; j++) {
+                const int64_t p = first + j;
+                const float *vr = vh + (table[p / bs] * bs + p % bs) * D;
+                const __m256 pj = _mm256_set1_ps(sc[j]);
+                int64_t i = 0;
+                for (; i + 8 <= D; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pj, _mm256_loadu_ps(vr + i), _mm256_loadu_ps(o + i)));
+                for (; i < D; i++) o[i] += sc[j] * vr[i];
+            }
+            for (int64_t i = 0; i < D; i++) o[i] *= inv;
         }
-        free(scores);
+        free(sc);
     }
 }

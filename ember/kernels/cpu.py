@@ -128,33 +128,40 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def quant_linear(
-    fmt: str,
-    x: torch.Tensor,  # [M, K] float32, contiguous
-    codes: torch.Tensor,  # q4_1: [N, K / 2] uint8; q8_0: [N, K] int8
-    d: torch.Tensor,  # [N, K / 32] float16 bits (int16)
-    m: torch.Tensor | None,  # q4_1: [N, K / 32] float16 bits (int16)
-    bias: torch.Tensor | None,  # [N] float32
-) -> torch.Tensor:
-    """y [M, N] float32 = x @ W.T (+ bias), W in block format `fmt`."""
-    rows, k = x.shape
-    n = codes.shape[0]
-    y = torch.empty(rows, n, dtype=torch.float32)
-    err = _library().ember_quant_linear(
-        FORMATS[fmt],
-        x.data_ptr(),
-        rows,
-        k,
-        codes.data_ptr(),
-        d.data_ptr(),
-        None if m is None else m.data_ptr(),
-        n,
-        None if bias is None else bias.data_ptr(),
-        y.data_ptr(),
-    )
-    if err:
-        raise MemoryError(f"ember_quant_linear could not allocate its scratch for {rows} x {k}")
-    return y
+class QuantLinear:
+    """The block-quantized linear kernel bound to one weight: y [M, N] float32 = x [M, K] @ W.T (+ bias).
+
+    Binding once keeps a call's Python work to the activations and the output, which matters at one row:
+    a decode step makes four such calls per layer.
+    """
+
+    def __init__(
+        self,
+        fmt: str,
+        codes: torch.Tensor,  # q4_1: [N, K / 2] uint8; q8_0: [N, K] int8
+        d: torch.Tensor,  # [N, K / 32] float16 bits (int16)
+        m: torch.Tensor | None,  # q4_1: [N, K / 32] float16 bits (int16)
+        bias: torch.Tensor | None,  # [N] float32
+    ):
+        self.n = codes.shape[0]
+        self.k = codes.shape[1] * (2 if fmt == "q4_1" else 1)
+        self._keep = (codes, d, m, bias)  # the pointers below stay valid while these live
+        self._fn = _library().ember_quant_linear
+        self._format = FORMATS[fmt]
+        self._weights = (
+            codes.data_ptr(),
+            d.data_ptr(),
+            None if m is None else m.data_ptr(),
+            self.n,
+            None if bias is None else bias.data_ptr(),
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] float32, contiguous
+        rows = x.shape[0]
+        y = torch.empty(rows, self.n, dtype=F32)
+        if self._fn(self._format, x.data_ptr(), rows, self.k, *self._weights, y.data_ptr()):
+            raise MemoryError(f"ember_quant_linear could not allocate its scratch for {rows} x {self.k}")
+        return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

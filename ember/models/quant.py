@@ -190,7 +190,7 @@ class BlockQuantLinear(nn.Module):
         if (reason := cpu.unavailable_reason()) is not None:
             raise ValueError(f"quantization {fmt}: {reason}")
         self.fmt, self.in_features, self.out_features = fmt, linear.in_features, linear.out_features
-        self._run = cpu.quant_linear
+        self._kernel = None  # bound on the first call, once the model has its final buffers
         if fmt == "q4_1":
             codes, d, m = quantize_q4_1(linear.weight)
         else:
@@ -219,7 +219,11 @@ class BlockQuantLinear(nn.Module):
             raise TypeError(f"quantization {self.fmt} computes with float32 activations (got {x.dtype})")
         if self.dense is not None and x.shape[0] > BLOCK_DENSE_ABOVE_ROWS:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.dense)
-        return self._run(self.fmt, x.contiguous(), self.codes, self.d, self.m, self.bias)
+        if self._kernel is None:
+            from ember.kernels import cpu
+
+            self._kernel = cpu.QuantLinear(self.fmt, self.codes, self.d, self.m, self.bias)
+        return self._kernel(x.contiguous())
 
 
 def quantize_model(model: nn.Module, method: str) -> None:
