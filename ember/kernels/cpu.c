@@ -143,6 +143,7 @@ static void halves_to_floats(const uint16_t *h, float *f, int64_t n) {
 int ember_quant_linear(int format, const float *x, int64_t M, int64_t K, const void *wq, const uint16_t *wd,
                        const uint16_t *wm, int64_t N, const float *bias, float *y) {
     const int64_t nb = K / QK;
+    if (M == 0 || N == 0) return 0;
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *xd = (float *)malloc(sizeof(float) * (size_t)(M * nb));
     float *xs = (float *)malloc(sizeof(float) * (size_t)(M * nb));

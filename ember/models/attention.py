@@ -88,9 +88,8 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd and cpu_kernel:
-        q_dec = q[:nd].contiguous()
         cpu_kernels.decode_attention(
-            q_dec,
+            q[:nd].contiguous(),
             k_cache,
             v_cache,
             meta.decode_block_tables,
