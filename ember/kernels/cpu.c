@@ -273,10 +273,16 @@ void ember_decode_attention(const float *q, const float *k_cache, const float *v
         for (int64_t task = 0; task < B * Hq; task++) {
             const int64_t b = task / Hq, hq = task % Hq, h = hq / G, len = context_lens[b];
             const int64_t first = window > 0 && len > window ? len - window : 0, n = len - first;
+            float *o = out + (b * Hq + hq) * D;
             if (n + 8 > cap) {
                 free(sc);
                 cap = n + 8 > 4096 ? n + 8 : 4096;
                 sc = (float *)malloc(sizeof(float) * (size_t)cap);
+                if (!sc) cap = 0;
+            }
+            if (!sc || n == 0) {  // no memory for the scores, or nothing to attend to: NaN, never a crash
+                for (int64_t i = 0; i < D; i++) o[i] = NAN;
+                continue;
             }
             const int64_t *table = block_tables + b * max_blocks;
             const float *kh = k_cache + h * n_slots * D, *vh = v_cache + h * n_slots * D;
@@ -296,7 +302,6 @@ void ember_decode_attention(const float *q, const float *k_cache, const float *v
                 sum8 = _mm256_add_ps(sum8, e);
             }
             const float inv = 1.0f / hsum(sum8);
-            float *o = out + (b * Hq + hq) * D;
             memset(o, 0, sizeof(float) * D);
             for (int64_t j = 0; j < n; j++) {
                 const int64_t p = first + j;

@@ -157,6 +157,8 @@ class QuantLinear:
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] float32, contiguous
+        if x.dim() != 2 or x.shape[1] != self.k:
+            raise ValueError(f"expected activations [rows, {self.k}], got {tuple(x.shape)}")
         rows = x.shape[0]
         y = torch.empty(rows, self.n, dtype=F32)
         if self._fn(self._format, x.data_ptr(), rows, self.k, *self._weights, y.data_ptr()):
@@ -164,8 +166,16 @@ class QuantLinear:
         return y
 
 
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    for cache in (k_cache, v_cache):
+        if cache.dtype != F32 or not cache.is_contiguous():
+            raise ValueError("the CPU kernels read a contiguous float32 KV cache")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] float32 -> weight * x / sqrt(mean(x^2) + eps), row by row."""
+    if x.dtype != F32 or x.dim() != 2 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
+        raise ValueError(f"rms_norm takes float32 [T, H] and a weight [H] (got {tuple(x.shape)})")
     x = x.contiguous()
     out = torch.empty_like(x)
     _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr())
@@ -184,6 +194,10 @@ def rope_write_kv(
     """Rotate q and k, write k and v to their cache slots; returns the rotated q [T, Hq, D]."""
     hkv, d = k_cache.shape[0], k_cache.shape[-1]
     t = qkv.shape[0]
+    _check_cache(k_cache, v_cache)
+    if qkv.dtype != F32 or qkv.shape[1] != (num_heads + 2 * hkv) * d or qkv.stride(1) != 1:
+        raise ValueError(f"qkv must be float32 [T, {(num_heads + 2 * hkv) * d}] with unit column stride")
+    slots = slots.contiguous().long()
     q = torch.empty(t, num_heads, d, dtype=F32)
     cos, sin = cos.contiguous(), sin.contiguous()
     _library().ember_rope_write_kv(
@@ -215,6 +229,10 @@ def decode_attention(
     out: torch.Tensor,  # [B, Hq, D] float32, contiguous: written
 ) -> None:
     b, hq, d = q.shape
+    _check_cache(k_cache, v_cache)
+    if not (q.dtype == out.dtype == F32 and q.is_contiguous() and out.is_contiguous()):
+        raise ValueError("decode attention reads and writes contiguous float32 [B, Hq, D] tensors")
+    block_tables, context_lens = block_tables.contiguous().long(), context_lens.contiguous().long()
     _library().ember_decode_attention(
         q.data_ptr(),
         k_cache.data_ptr(),

@@ -93,7 +93,9 @@ def test_greedy_and_seeded_outputs_equal_plain_decoding(random_model_dirs, kind,
             assert g.keys() == w.keys()
             for t in g:
                 assert g[t].logprob == pytest.approx(w[t].logprob, abs=1e-4)
-                assert g[t].rank == w[t].rank
+                # Verification and plain decoding attend through different code (the CPU kernels decode
+                # one query at a time): deep in a 49k vocabulary, float rounding can swap near-tied tokens.
+                assert abs(g[t].rank - w[t].rank) <= (0 if w[t].rank <= 5 else 2)
         if round_:
             assert all(r.num_cached_tokens > 0 for r in got)
     s = spec.engine.speculator
