@@ -98,3 +98,30 @@ ADD = {
         },
     },
 }
+
+
+def assert_follows_along_common_greedy_path(
+    ref: LLM, got: LLM, max_tokens: int = 6, tol: float = 0.15
+) -> None:
+    """Greedy runs of both engines on the same prompts: along each run's common prefix the next-token
+    distributions agree within `tol` (in logprob), and most of the runs stay on that prefix."""
+    from ember import SamplingParams
+
+    prompts = [[5, 17, 300 + i, 42, 7 * i + 1] * (i + 1) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=5)
+    same, compared = 0, 0
+    for a, b in zip(ref.generate(prompts, params), got.generate(prompts, params), strict=True):
+        for want, have, ta, tb in zip(
+            a.outputs[0].logprobs,
+            b.outputs[0].logprobs,
+            a.outputs[0].token_ids,
+            b.outputs[0].token_ids,
+            strict=True,
+        ):
+            for t in set(want) & set(have):
+                assert abs(want[t].logprob - have[t].logprob) < tol
+                compared += 1
+            if ta != tb:
+                break
+            same += 1
+    assert same >= 0.75 * max_tokens * len(prompts) and compared >= 3 * len(prompts)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.kernels import cpu
 from ember.models.llama import swap_projections
 
 GROUP_SIZE = 32
@@ -185,8 +186,6 @@ class BlockQuantLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, fmt: str, dense_copy: bool = False):
         super().__init__()
-        from ember.kernels import cpu
-
         if (reason := cpu.unavailable_reason()) is not None:
             raise ValueError(f"quantization {fmt}: {reason}")
         self.fmt, self.in_features, self.out_features = fmt, linear.in_features, linear.out_features
@@ -220,8 +219,6 @@ class BlockQuantLinear(nn.Module):
         if self.dense is not None and x.shape[0] > BLOCK_DENSE_ABOVE_ROWS:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.dense)
         if self._kernel is None:
-            from ember.kernels import cpu
-
             self._kernel = cpu.QuantLinear(self.fmt, self.codes, self.d, self.m, self.bias)
         return self._kernel(x.contiguous())
 

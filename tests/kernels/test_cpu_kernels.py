@@ -13,6 +13,7 @@ from ember import LLM, SamplingParams
 from ember.kernels import cpu
 from ember.models.attention import AttentionMetadata, _decode, write_kv
 from ember.models.llama import RMSNorm
+from ember.models.packed import unpack_model
 from ember.models.quant import (
     BlockQuantLinear,
     dequantize_q4_1,
@@ -21,6 +22,7 @@ from ember.models.quant import (
     quantize_q8_0,
 )
 from ember.models.rope import apply_rotary
+from tests.helpers import assert_follows_along_common_greedy_path
 
 # Where the kernels cannot run (no AVX2 or no C compiler) the PyTorch path serves float32 models and
 # q4_1/q8_0 are refused; EMBER_REQUIRE_CPU_KERNELS=1 turns that skip into a failure (CI sets nothing).
@@ -208,8 +210,6 @@ def test_block_quantized_engine_follows_the_float_engine(random_model_dirs, fmt)
     assert isinstance(quant.engine.model.layers[0].mlp.down_proj, BlockQuantLinear)
     ref = LLM(model=path, kv_cache_memory="16MiB")
     model = ref.engine.model
-    from ember.models.packed import unpack_model
-
     unpack_model(model)
     with torch.no_grad():
         for mine, theirs in zip(quant.engine.model.layers, model.layers, strict=True):
@@ -218,24 +218,7 @@ def test_block_quantized_engine_follows_the_float_engine(random_model_dirs, fmt)
         w = quant.engine.model.lm_head.weight
         model.lm_head = nn.Linear(w.shape[1], w.shape[0], bias=False)
         model.lm_head.weight.copy_(w)
-    prompts = [[5, 17, 300 + i, 42, 7 * i + 1] * (i + 1) for i in range(4)]
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5)
-    same, compared = 0, 0
-    for a, b in zip(ref.generate(prompts, params), quant.generate(prompts, params), strict=True):
-        for want, got, ta, tb in zip(
-            a.outputs[0].logprobs,
-            b.outputs[0].logprobs,
-            a.outputs[0].token_ids,
-            b.outputs[0].token_ids,
-            strict=True,
-        ):
-            for t in set(want) & set(got):
-                assert abs(want[t].logprob - got[t].logprob) < 0.15
-                compared += 1
-            if ta != tb:
-                break
-            same += 1
-    assert same >= 0.75 * 6 * len(prompts) and compared >= 3 * len(prompts)
+    assert_follows_along_common_greedy_path(ref, quant)
 
 
 @needs_kernels
