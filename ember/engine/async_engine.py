@@ -1,9 +1,9 @@
 """Online serving: the engine core steps on its own thread or process; callers await incremental outputs.
 
-Three roles, as in mini-sglang and vLLM V1: callers (the HTTP handlers) tokenize and submit; the core
-(ember.engine.core) runs the step loop on token ids only; an output thread here turns the core's token
-updates into text (incremental detokenization, stop strings, logprobs) and hands each caller its
-RequestOutput. Text work never runs on the step loop.
+Three roles, as in mini-sglang and vLLM V1: callers (the HTTP handlers) tokenize and submit through the
+input processor; the core (ember.engine.core_loop) runs the step loop on token ids only; an output thread
+here feeds the core's token deltas to the output processor (ember.engine.processors: detokenization,
+stop strings, logprobs) and hands each caller its RequestOutput. Text work never runs on the step loop.
 
 `generate()` is an async iterator of RequestOutput (cumulative text plus the step's delta). Leaving the
 iterator early (a client went away) aborts the request, so its KV blocks return to the pool at once.
@@ -22,86 +22,68 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ember.config import EngineConfig
-from ember.engine.core import (
+from ember.engine.client import (
+    EngineDeadError,
+    EngineNotReadyError,
+    EngineOverloadedError,
+    EngineState,
+)
+from ember.engine.core_loop import run_core
+from ember.engine.messages import (
     Abort,
     Added,
     AddLoRA,
     AddRequest,
     CoreStats,
     Dead,
+    EngineInfo,
+    ErrorKind,
     FinishSample,
     LoRADone,
-    Ready,
     RemoveLoRA,
     RequestUpdate,
     Shutdown,
     Step,
-    run_core,
 )
-from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.processors import InputProcessor, OutputProcessor, RequestState
 from ember.errors import InvalidRequest
 from ember.metrics import EngineMetrics
 from ember.models.catalog import resolve_model
-from ember.outputs import CompletionOutput, Logprob, RequestOutput
+from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-
-class EngineDeadError(RuntimeError):
-    """The engine failed or was shut down: no request can be served."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The model is still loading."""
-
-
-class EngineOverloadedError(RuntimeError):
-    """The waiting queue is full: retry later."""
+__all__ = [
+    "AsyncEngine",
+    "EngineDeadError",
+    "EngineNotReadyError",
+    "EngineOverloadedError",
+    "EngineState",
+    "LoRAOpError",
+]
 
 
 class LoRAOpError(Exception):
-    """Adding or removing an adapter failed; `status` is the HTTP answer (400, 404 or 409)."""
+    """Adding or removing an adapter failed; `kind` says why (a bad adapter, an unknown one, a clash)."""
 
-    def __init__(self, message: str, status: int):
+    def __init__(self, message: str, kind: ErrorKind):
         super().__init__(message)
-        self.status = status
-
-
-@dataclass(eq=False)
-class _Sample:
-    detok: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
-    num_emitted: int = 0
+        self.kind = kind
 
 
 @dataclass(eq=False)
 class _Tracked:
-    """A request as the frontend sees it: where to deliver, and the text state of each sample."""
+    """A request as this client sees it: its text state, and where to deliver its outputs."""
 
-    request_id: str
-    prompt: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    samples: list[_Sample]
+    state: RequestState
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     added: asyncio.Future  # settled once the core admits or refuses the request
-    lora: str | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    last_token: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
 
 
 class AsyncEngine:
@@ -131,7 +113,9 @@ class AsyncEngine:
         self.tokenizer = Tokenizer.from_dir(path)
         self.metrics = EngineMetrics()
         self.max_pending = None if max_queue is None else config.scheduler.max_num_seqs + max_queue
-        self.info: Ready | None = None
+        self.info: EngineInfo | None = None
+        self.inputs: InputProcessor | None = None  # made once the core says what it loaded
+        self.outputs: OutputProcessor | None = None
         self.stats: CoreStats | None = None
         self.error: str | None = None
         self._tracked: dict[str, _Tracked] = {}
@@ -139,7 +123,8 @@ class AsyncEngine:
         self.adapters: dict[str, str] = {}  # loaded LoRA adapters: name -> path
         self._lora_ops: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ready = threading.Event()
-        self._stopping = False
+        self._stopping = False  # shutdown() was called
+        self._shut_down = False  # the core stopped because it was asked to
         if mode == "thread":
             self._inbox, self._outbox = queue.Queue(), queue.Queue()
             self._core = threading.Thread(
@@ -162,13 +147,21 @@ class AsyncEngine:
     # -- state --------------------------------------------------------------------------------------
 
     @property
+    def state(self) -> EngineState:
+        if self._stopping or self._shut_down:
+            return EngineState.STOPPED
+        if self.error is not None:
+            return EngineState.FAILED
+        return EngineState.LOADING if self.info is None else EngineState.READY
+
+    @property
     def is_ready(self) -> bool:
-        return self.info is not None and self.is_running
+        return self.state is EngineState.READY
 
     @property
     def is_running(self) -> bool:
         """False once the engine died or was shut down (still True while the model loads)."""
-        return self.error is None and not self._stopping
+        return self.state in (EngineState.LOADING, EngineState.READY)
 
     @property
     def num_unfinished(self) -> int:
@@ -201,34 +194,14 @@ class AsyncEngine:
             raise InvalidRequest(
                 f"no LoRA adapter named '{lora}' is loaded", param="model", code="model_not_found"
             )
-        if isinstance(prompt, str):
-            prompt_ids = await asyncio.to_thread(self.tokenizer.encode, prompt)  # off the event loop
+        if isinstance(prompt, str):  # tokenized off the event loop, checked before the core sees it
+            prompt_ids = await asyncio.to_thread(self.inputs.token_ids, prompt, params)
         else:
-            prompt_ids = list(prompt)
-            vocab = self.info.vocab_size
-            bad = [t for t in prompt_ids if not 0 <= t < vocab]
-            if bad:  # checked here too: the detokenizer would choke on them before the core could refuse
-                raise InvalidRequest(
-                    f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
-                )
+            prompt_ids = self.inputs.token_ids(prompt, params)
         loop = asyncio.get_running_loop()
-        samples = [
-            _Sample(
-                IncrementalDetokenizer(
-                    self.tokenizer,
-                    prompt_ids,
-                    skip_special_tokens=params.skip_special_tokens,
-                    stop=params.stop_list,
-                    include_stop_str_in_output=params.include_stop_str_in_output,
-                ),
-                logprobs=[] if params.logprobs is not None else None,
-            )
-            for _ in range(params.n)
-        ]
         text = prompt if isinstance(prompt, str) else None
-        t = _Tracked(
-            request_id, text, prompt_ids, params, samples, loop, asyncio.Queue(), loop.create_future(), lora
-        )
+        state = self.outputs.new_request(request_id, text, prompt_ids, params, lora)
+        t = _Tracked(state, loop, asyncio.Queue(), loop.create_future())
         with self._lock:
             self._check_admission(request_id, params.n)
             self._tracked[request_id] = t
@@ -257,7 +230,7 @@ class AsyncEngine:
             if not finished:  # the caller left: counted as aborted, here, as nobody hears the core's answer
                 self.abort(request_id)
                 self.metrics.request_success.labels(finished_reason="abort").inc()
-                self.metrics.e2e_request_latency.observe(time.monotonic() - t.arrival)
+                self.metrics.e2e_request_latency.observe(time.monotonic() - t.state.arrival)
 
     def _check_admission(self, request_id: str, n: int) -> None:
         if self.error is not None or self._stopping:
@@ -271,7 +244,7 @@ class AsyncEngine:
                 raise InvalidRequest(
                     f"n={n} sequences exceed what this server admits at once ({self.max_pending})", param="n"
                 )
-            pending = sum(t.params.n for t in list(self._tracked.values()))
+            pending = sum(t.state.params.n for t in list(self._tracked.values()))
             if pending + n > self.max_pending:
                 raise EngineOverloadedError(
                     f"the server is at capacity ({pending} sequences running or queued); retry later"
@@ -294,12 +267,13 @@ class AsyncEngine:
         if self.info is None:
             raise EngineNotReadyError("the model is still loading; retry shortly")
         if not self.info.lora_enabled:
-            raise LoRAOpError("this server was started without LoRA support", 400)
+            raise LoRAOpError("this server was started without LoRA support", ErrorKind.INVALID)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._lock:
             if name in self._lora_ops:
-                raise LoRAOpError(f"adapter '{name}' is being changed by another request; retry", 409)
+                why = f"adapter '{name}' is being changed by another request; retry"
+                raise LoRAOpError(why, ErrorKind.CONFLICT)
             self._lora_ops[name] = (loop, future)
         self._inbox.put(cmd)
         try:
@@ -312,7 +286,7 @@ class AsyncEngine:
         with self._lock:
             op = self._lora_ops.get(msg.name)
         if op is not None:
-            error = None if msg.error is None else LoRAOpError(msg.error, msg.status)
+            error = None if msg.error is None else LoRAOpError(msg.error, msg.kind)
             _call(op[0], _settle, op[1], error)
 
     def abort(self, request_id: str) -> None:
@@ -364,10 +338,13 @@ class AsyncEngine:
                     self._on_added(msg)
                 elif isinstance(msg, LoRADone):
                     self._on_lora_done(msg)
-                elif isinstance(msg, Ready):
+                elif isinstance(msg, EngineInfo):
+                    self.inputs = InputProcessor(self.tokenizer, msg)
+                    self.outputs = OutputProcessor(self.tokenizer, msg.eos_token_ids)
                     self.info = msg
                     self._ready.set()
                 elif isinstance(msg, Dead):
+                    self._shut_down = msg.shutdown
                     self._die(msg.message)
                     return
         except BaseException as exc:  # a bug here must not leave callers waiting forever
@@ -400,52 +377,22 @@ class AsyncEngine:
     def _on_update(self, u: RequestUpdate) -> None:
         with self._lock:
             t = self._tracked.get(u.request_id)
-        if t is None or t.finished:  # the caller left, or its stop strings ended it already
+        if t is None or t.state.finished:  # the caller left, or its stop strings ended it already
             return
-        now = time.monotonic()
-        new_tokens = 0
-        for su in u.samples:
-            s = t.samples[su.index]
-            if s.finish_reason is not None:
-                continue
-            for k, token in enumerate(su.new_token_ids):
-                s.token_ids.append(token)
-                new_tokens += 1
-                if s.logprobs is not None and su.new_logprobs:
-                    s.logprobs.append(su.new_logprobs[k])
-                    s.cumulative_logprob += su.new_logprobs[k][token].logprob
-                if (
-                    k == len(su.new_token_ids) - 1
-                    and su.finish_reason == "stop"
-                    and self._ends(token, t.params)
-                ):
-                    break  # EOS or a stop token ended it: not part of the text (a grammar's last token is)
-                matched = s.detok.append([token], len(s.token_ids) >= t.params.min_tokens)
-                if matched is not None:
-                    s.finish_reason, s.stop_reason = "stop", matched
-                    self._inbox.put(FinishSample(u.request_id, su.index, matched))
-                    break
-            if s.finish_reason is None and su.finish_reason is not None:
-                s.finish_reason, s.stop_reason = su.finish_reason, su.stop_reason
+        done = self.outputs.process(t.state, u)
+        for request_id, index, matched in done.stops:
+            self._inbox.put(FinishSample(request_id, index, matched))
         if u.aborted:
-            for s in t.samples:
-                if s.finish_reason is None:
-                    s.finish_reason = "abort"
             _call(t.loop, _settle, t.added, None)  # aborted while its grammar compiled: never Added
-        self._observe(t, u, now, new_tokens)
-        out = self._output(t, u)
-        if out.finished:
+        self._observe(t.state, u, time.monotonic(), done.new_tokens)
+        if done.output.finished:
             with self._lock:
-                if self._tracked.get(t.request_id) is t:
-                    del self._tracked[t.request_id]
-        if not _call(t.loop, t.queue.put_nowait, out):
-            self.abort(t.request_id)  # its event loop is gone: nobody will read it
+                if self._tracked.get(u.request_id) is t:
+                    del self._tracked[u.request_id]
+        if not _call(t.loop, t.queue.put_nowait, done.output):
+            self.abort(u.request_id)  # its event loop is gone: nobody will read it
 
-    def _ends(self, token: int, params: SamplingParams) -> bool:
-        """Whether `token` is one that ends a sample without being part of its text."""
-        return token in params.stop_token_ids or (not params.ignore_eos and token in self.info.eos_token_ids)
-
-    def _observe(self, t: _Tracked, u: RequestUpdate, now: float, new_tokens: int) -> None:
+    def _observe(self, t: RequestState, u: RequestUpdate, now: float, new_tokens: int) -> None:
         m = self.metrics
         if u.queue_time is not None and t.last_token is None and new_tokens:
             m.request_queue_time.observe(u.queue_time)
@@ -464,35 +411,6 @@ class AsyncEngine:
             m.request_success.labels(finished_reason=t.samples[0].finish_reason).inc()
             if t.lora is not None:
                 m.lora_requests.labels(adapter=t.lora).inc()
-
-    def _output(self, t: _Tracked, u: RequestUpdate) -> RequestOutput:
-        outs = []
-        for index, s in enumerate(t.samples):
-            delta = s.detok.flush() if s.finish_reason is not None else s.detok.take_delta()
-            new_ids = s.token_ids[s.num_emitted :]
-            s.num_emitted = len(s.token_ids)
-            outs.append(
-                CompletionOutput(
-                    index=index,
-                    text=s.detok.text,
-                    token_ids=list(s.token_ids),
-                    finish_reason=s.finish_reason,
-                    stop_reason=s.stop_reason,
-                    logprobs=list(s.logprobs) if s.logprobs is not None else None,
-                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
-                    delta_text=delta,
-                    delta_token_ids=new_ids,
-                )
-            )
-        return RequestOutput(
-            t.request_id,
-            t.prompt,
-            t.prompt_ids,
-            outs,
-            t.finished,
-            num_cached_tokens=u.num_cached_tokens,
-            queue_time=u.queue_time,
-        )
 
 
 def _call(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:

@@ -1,7 +1,9 @@
-"""The engine loop: admit requests, schedule a step, run the model, sample, detokenize, report.
+"""The engine core: admit requests, schedule a step, run the model, sample, report what each sample gained.
 
-`step()` is one iteration of continuous batching. It is synchronous and single-threaded; `LLM` drives
-it to completion for offline batches and `AsyncEngine` runs it on a thread for online serving.
+`step()` is one iteration of continuous batching over token ids: schedule -> execute -> update. It is
+synchronous and single-threaded and knows no text: clients (ember.engine.llm_engine in process,
+ember.engine.async_engine on a thread or in a process) validate prompts and detokenize on their side,
+around the same core.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ import dataclasses
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ember.config import EngineConfig
-from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache import KVCacheManager, root_hash
+from ember.engine.messages import CoreStats, EngineInfo, RequestUpdate, SampleUpdate
 from ember.engine.model_runner import ModelRunner
-from ember.engine.proposers import DraftProposer, NgramProposer
+from ember.engine.proposers import DraftProposer, NgramProposer, Proposal
 from ember.engine.sampler import sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Request, Sequence
@@ -32,20 +36,18 @@ from ember.models.catalog import resolve_model
 from ember.models.config import ModelConfig
 from ember.models.loader import load_model
 from ember.models.lora import enable_lora
-from ember.outputs import CompletionOutput, RequestOutput
+from ember.outputs import Logprob
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
-    """`detokenize=False` leaves text and stop strings to the caller (the server's frontend does them off
-    the step loop); outputs then carry token ids only."""
+class EngineCore:
+    """Token ids in, per-step deltas out (`RequestUpdate`): what every engine client drives."""
 
-    def __init__(self, config: EngineConfig, detokenize: bool = True):
+    def __init__(self, config: EngineConfig):
         self.config = config
-        self.detokenize = detokenize
         path = resolve_model(config.model)
         self.tokenizer = Tokenizer.from_dir(path)
         self.device = torch.device(config.device)
@@ -119,21 +121,33 @@ class LLMEngine:
 
     # -- requests -----------------------------------------------------------------------------------
 
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            self.max_model_len,
+            self.model_config.vocab_size,
+            self.kv.pool.num_blocks,
+            self.kv.block_size,
+            self.lora is not None,
+            list(self.eos_token_ids),
+        )
+
     def add_request(
         self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
+        prompt_ids: list[int],
+        params: SamplingParams,
         request_id: str | None = None,
         *,
-        cache_salt: str | bytes | None = None,
+        prompt: str | None = None,
+        cache_salt: bytes | None = None,
         max_cached_tokens: int | None = None,
         lora: str | None = None,
     ) -> Request:
-        """`cache_salt` names the prefix-cache namespace: requests share cached KV only under the same
-        salt (the server derives it from the API key). `max_cached_tokens` caps how many prompt tokens
-        may come from the cache; 0 keeps the request out of the cache entirely (no reads, no writes).
-        `lora` names a loaded adapter to run with (see add_lora)."""
-        params = params or SamplingParams()
+        """Admit a prompt the client's InputProcessor has checked. `cache_salt` names the prefix-cache
+        namespace: requests share cached KV only under the same salt (the server derives it from the API
+        key). `max_cached_tokens` caps how many prompt tokens may come from the cache; 0 keeps the
+        request out of the cache entirely (no reads, no writes). `lora` names a loaded adapter (see
+        add_lora). `prompt` is the text the ids came from, kept for the outputs."""
         adapter = None
         if lora is not None:
             if self.lora is None:
@@ -149,21 +163,16 @@ class LLMEngine:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.requests:
             raise InvalidRequest(f"request id '{request_id}' is already in use", param="request_id")
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, list(prompt)
-        self._validate(ids, params)
+        ids = list(prompt_ids)
         # Without max_tokens a request may run to the context's end, or to what the pool can hold alone.
         max_tokens = params.max_tokens or min(self.max_model_len, self._pool_tokens) - len(ids)
         request = Request(
-            request_id, text, ids, params, len(ids) + max_tokens, eos_token_ids=self.eos_token_ids
+            request_id, prompt, ids, params, len(ids) + max_tokens, eos_token_ids=self.eos_token_ids
         )
         request.lora = lora
         if max_cached_tokens != 0:
-            salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt
             # Never shared across adapters: the root takes the adapter's identity (a re-added name is new).
-            request.cache_root = root_hash(salt, None if adapter is None else adapter.uid)
+            request.cache_root = root_hash(cache_salt, None if adapter is None else adapter.uid)
             request.max_cached_tokens = max_cached_tokens
         if params.structured is not None:
             self._constrain(request)  # raises at once for a grammar known to be bad
@@ -218,37 +227,6 @@ class LLMEngine:
         if pending:
             concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(
-                f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
-            )
-        bad = [t for t in (params.logit_bias or {}) if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(
-                f"logit_bias token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
-            )
-        want = len(ids) + (params.max_tokens or 1)
-        if want > self.max_model_len:
-            raise InvalidRequest(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks "
-                f"for {want} ({len(ids)} in the prompt, {params.max_tokens or 1} to generate)",
-                param="max_tokens" if params.max_tokens and len(ids) < self.max_model_len else "prompt",
-                code="context_length_exceeded",
-            )
-        capacity = self._pool_tokens
-        if want > capacity:
-            raise InvalidRequest(
-                f"the request needs {want} tokens of KV cache; the pool holds {capacity} "
-                "(raise the KV cache memory budget)",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-
     @property
     def _pool_tokens(self) -> int:
         return self.kv.pool.num_blocks * self.kv.block_size
@@ -260,20 +238,10 @@ class LLMEngine:
             # Sample i of a seeded request has a seed of its own, derived from the request's.
             generator = torch.Generator(device=self.device)
             generator.manual_seed((p.seed * 1_000_003 + index) % 2**63)
-        detok = None
-        if self.detokenize:
-            detok = IncrementalDetokenizer(
-                self.tokenizer,
-                request.prompt_token_ids,
-                skip_special_tokens=p.skip_special_tokens,
-                stop=p.stop_list,
-                include_stop_str_in_output=p.include_stop_str_in_output,
-            )
         return Sequence(
             request,
             index,
             list(request.prompt_token_ids),
-            detok,
             generator,
             logprobs=[] if p.logprobs is not None else None,
         )
@@ -296,7 +264,7 @@ class LLMEngine:
             raise AdapterError(f"adapter '{name}' is in use by {users} unfinished requests")
         self.lora.remove(name)
 
-    def abort_request(self, request_id: str) -> RequestOutput | None:
+    def abort_request(self, request_id: str) -> RequestUpdate | None:
         request = self.requests.pop(request_id, None)
         self._awaiting_grammar.pop(request_id, None)
         if request is None:
@@ -305,7 +273,7 @@ class LLMEngine:
             if not seq.finished:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
-        return self._output(request)
+        return self._request_update(request, aborted=True)
 
     def finish_sequence(self, request_id: str, index: int, stop_reason: str | None = None) -> None:
         """End one sample early with finish_reason "stop" (a caller matched a stop string in its text)."""
@@ -321,93 +289,69 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
-    # -- the step -----------------------------------------------------------------------------------
+    # -- the step: schedule -> execute -> update ---------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestUpdate]:
+        """One iteration of continuous batching; what each touched request gained."""
+        plan = self._schedule()
+        if plan is None:
+            return []
+        logits = self.runner.execute(plan.work, plan.sample_rows, plan.lora_slots, plan.num_logits)
+        return self._update(plan, logits)
+
+    def _schedule(self) -> StepPlan | None:
         if self.speculator is not None:
             self.speculator.plan(self.scheduler.running)
         sched = self.scheduler.schedule()
         self.last_step_idle = sched.empty
         if sched.empty:
-            return []
+            return None
         now = time.monotonic()
         for seq in sched.num_scheduled:
             if seq.request.first_scheduled_time is None:
                 seq.request.first_scheduled_time = now
         copies = self.kv.take_copies()
         self.runner.copy_blocks(copies)
-        proposals = {}
+        proposals: dict[Sequence, Proposal] = {}
         if self.speculator is not None:
             self.speculator.proposer.copy_blocks(copies)  # the draft's KV follows copy-on-write
             proposals = self.speculator.propose(sched.num_scheduled)
-        # A sequence's work: what it had pending, plus its proposed tokens (scored in the same pass).
-        work_of = {}
-        for seq, n in sched.num_scheduled.items():
-            prop = proposals.get(seq)
-            if prop is None:
-                work_of[seq] = (
-                    seq.token_ids,
-                    seq.num_computed_tokens,
-                    min(n, seq.num_tokens - seq.num_computed_tokens),
-                )
-            else:
-                work_of[seq] = (seq.token_ids + prop.tokens, seq.num_computed_tokens, 1 + len(prop.tokens))
-        # Decodes first, then prefill chunks and verifications: the layout the attention code expects.
-        items = sorted(work_of.items(), key=lambda item: item[1][2] != 1)
-        work, sample_rows, num_logits, to_sample, to_verify = [], [], [], [], []
-        slots = [seq.lora_slot for seq, _ in items]
-        for j, (seq, (tokens, start, n)) in enumerate(items):
-            work.append((tokens, start, n, seq.block_table))
-            if seq in proposals:
-                sample_rows.append(j)
-                num_logits.append(n)
-                to_verify.append(seq)
-            elif start + n == seq.num_tokens:
-                sample_rows.append(j)
-                num_logits.append(1)
-                to_sample.append(seq)
-        logits = self.runner.execute(work, sample_rows, slots, num_logits)
-        for seq, (_, _, n) in items:
-            if seq not in proposals:  # verified sequences commit what they keep, below
-                seq.num_computed_tokens += n
-                self.kv.commit(seq)
+        return StepPlan.build(sched.num_scheduled, proposals)
 
-        # Logit rows follow sample_rows: split them into plain samples and verifications.
-        plain_rows, verify_rows, row = [], [], 0
-        for j, m in zip(sample_rows, num_logits, strict=True):
-            seq = items[j][0]
-            (verify_rows.extend if seq in proposals else plain_rows.extend)(range(row, row + m))
-            row += m
+    def _update(self, plan: StepPlan, logits: torch.Tensor) -> list[RequestUpdate]:
+        for seq, work in zip(plan.seqs, plan.work, strict=True):
+            if seq not in plan.proposals:  # verified sequences commit what they keep, below
+                seq.num_computed_tokens += work.num_new
+                self.kv.commit(seq)
         touched: dict[str, Request] = {}
         rows, seqs = [], []
-        for i, seq in enumerate(to_sample):
+        for row, seq in zip(plan.plain_rows, plan.to_sample, strict=True):
             group = [seq]
             if seq.params.n > 1 and not seq.request.forked:
                 group += self._fork(seq)
-            rows += [plain_rows[i]] * len(group)
+            rows += [row] * len(group)
             seqs += group
         if seqs:
             picked = logits[torch.tensor(rows, device=logits.device)]
             result = sample(picked, seqs, self.generator, self._grammar_masks(seqs, picked.shape[-1]))
             for i, seq in enumerate(seqs):
-                entry = result.logprobs[i]
-                self._append_token(seq, result.token_ids[i], result.chosen_logprobs[i], entry)
+                self._append_token(seq, result.token_ids[i], result.logprobs[i])
                 touched[seq.request.request_id] = seq.request
-        if to_verify:
+        if plan.to_verify:
             verdicts = self.speculator.verify(
-                logits[torch.tensor(verify_rows, device=logits.device)],
-                to_verify,
-                [proposals[s] for s in to_verify],
+                logits[torch.tensor(plan.verify_rows, device=logits.device)],
+                plan.to_verify,
+                [plan.proposals[s] for s in plan.to_verify],
                 self.generator,
             )
-            for seq, verdict in zip(to_verify, verdicts, strict=True):
+            for seq, verdict in zip(plan.to_verify, verdicts, strict=True):
                 self._keep(seq, verdict)
                 touched[seq.request.request_id] = seq.request
-        outputs = [self._output(r) for r in touched.values()]
+        updates = [self._request_update(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
                 del self.requests[r.request_id]
-        return outputs
+        return updates
 
     def _keep(self, seq: Sequence, verdict: Verdict) -> None:
         """After verification: the KV of the pending token and the kept proposals stays, the rest is
@@ -420,9 +364,7 @@ class LLMEngine:
         del seq.token_ids[length:]
         seq.num_draft_computed = min(seq.num_draft_computed, seq.num_computed_tokens)
         for i, token in enumerate(verdict.tokens):
-            entry = None if verdict.logprobs is None else verdict.logprobs[i]
-            logprob = None if verdict.chosen_logprobs is None else verdict.chosen_logprobs[i]
-            self._append_token(seq, token, logprob, entry)
+            self._append_token(seq, token, None if verdict.logprobs is None else verdict.logprobs[i])
             self.speculator.num_emitted_tokens += 1
             if seq.finished:
                 return
@@ -458,12 +400,13 @@ class LLMEngine:
         self.scheduler.insert_after(parent, children)
         return children
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None, entry) -> None:
+    def _append_token(self, seq: Sequence, token: int, entry: dict[int, Logprob] | None) -> None:
+        """Append a sampled token and end the sample if it must: the grammar refused it or is complete,
+        EOS, a stop token, the length limit. Stop strings are text: the client matches them."""
         p = seq.params
         seq.token_ids.append(token)
         if seq.logprobs is not None:
             seq.logprobs.append(entry)
-            seq.cumulative_logprob += logprob
         if seq.matcher is not None and not seq.matcher.consume_token(token):
             # The mask allowed only what the grammar accepts, so this is a bug; end the sample, say why.
             log.error(
@@ -477,12 +420,6 @@ class LLMEngine:
             self._finish(seq, "stop", None)
         elif token in p.stop_token_ids:
             self._finish(seq, "stop", token)
-        elif (
-            seq.detokenizer is not None
-            and (matched := seq.detokenizer.append([token], seq.num_output_tokens >= p.min_tokens))
-            is not None
-        ):
-            self._finish(seq, "stop", matched)
         elif seq.matcher is not None and seq.matcher.is_stopped():
             self._finish(seq, "stop", None)  # the grammar is complete: nothing may follow
         elif seq.num_tokens >= seq.request.max_total_tokens:
@@ -492,33 +429,109 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self.scheduler.finish(seq)
 
-    def _output(self, request: Request) -> RequestOutput:
-        outs = []
+    def _request_update(self, request: Request, aborted: bool = False) -> RequestUpdate:
+        """What the request's samples gained since the last update: new tokens and logprobs only."""
+        samples = []
         for seq in request.seqs:
-            detok = seq.detokenizer
-            delta = "" if detok is None else detok.flush() if seq.finished else detok.take_delta()
-            new_ids = seq.output_token_ids[seq.num_emitted_tokens :]
-            seq.num_emitted_tokens = seq.num_output_tokens
-            outs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text="" if detok is None else detok.text,
-                    token_ids=list(seq.output_token_ids),
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                    delta_text=delta,
-                    delta_token_ids=new_ids,
-                )
-            )
+            new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
+            if not new_ids and seq.finish_reason is None:
+                continue
+            seq.num_emitted_tokens += len(new_ids)
+            new_logprobs = None
+            if seq.logprobs is not None:  # entries not shipped yet: the core keeps none it has sent
+                new_logprobs, seq.logprobs = seq.logprobs, []
+            samples.append(SampleUpdate(seq.index, new_ids, new_logprobs, seq.finish_reason, seq.stop_reason))
         queued = request.first_scheduled_time
-        return RequestOutput(
+        return RequestUpdate(
             request.request_id,
-            request.prompt,
-            request.prompt_token_ids,
-            outs,
-            request.finished,
-            num_cached_tokens=request.num_cached_tokens,
-            queue_time=None if queued is None else queued - request.arrival_time,
+            samples,
+            request.num_cached_tokens,
+            None if queued is None else queued - request.arrival_time,
+            aborted,
         )
+
+    def stats(self) -> CoreStats:
+        sched, pool, spec = self.scheduler, self.kv.pool, self.speculator
+        return CoreStats(
+            num_running=len({s.request.request_id for s in sched.running}),
+            num_waiting=len({s.request.request_id for s in sched.waiting}),
+            kv_cache_usage=1.0 - pool.num_free / pool.num_blocks,
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits,
+            spec_draft_tokens=spec.num_draft_tokens if spec else 0,
+            spec_accepted_tokens=spec.num_accepted_tokens if spec else 0,
+            spec_emitted_tokens=spec.num_emitted_tokens if spec else 0,
+        )
+
+
+class Work(NamedTuple):
+    """One sequence's share of a step, as the model runner reads it."""
+
+    token_ids: list[int]  # its tokens, with the proposed ones appended when they are verified
+    start: int  # tokens whose KV is cached: the first position computed now
+    num_new: int  # positions computed this step
+    block_table: list[int]
+
+
+@dataclass
+class StepPlan:
+    """A scheduled step laid out for the runner: decodes first (the attention metadata takes the leading
+    one-token rows as the decode batch), then prefill chunks and verifications. This is the one place
+    that order is made."""
+
+    seqs: list[Sequence]
+    work: list[Work]
+    lora_slots: list[int | None]
+    sample_rows: list[int]  # indices into work whose last new tokens want logits
+    num_logits: list[int]  # per sample row: 1, or 1 + proposals for a verification
+    proposals: dict[Sequence, Proposal]
+    to_sample: list[Sequence] = field(default_factory=list)
+    plain_rows: list[int] = field(default_factory=list)  # logit rows of to_sample, in order
+    to_verify: list[Sequence] = field(default_factory=list)
+    verify_rows: list[int] = field(default_factory=list)  # logit rows of to_verify, concatenated
+
+    @classmethod
+    def build(cls, num_scheduled: dict[Sequence, int], proposals: dict[Sequence, Proposal]) -> StepPlan:
+        items = []
+        for seq, n in num_scheduled.items():
+            prop = proposals.get(seq)
+            if prop is None:  # what it had pending
+                work = Work(
+                    seq.token_ids,
+                    seq.num_computed_tokens,
+                    min(n, seq.num_tokens - seq.num_computed_tokens),
+                    seq.block_table,
+                )
+            else:  # the pending token and the proposals, scored in the same pass
+                work = Work(
+                    seq.token_ids + prop.tokens,
+                    seq.num_computed_tokens,
+                    1 + len(prop.tokens),
+                    seq.block_table,
+                )
+            items.append((seq, work))
+        items.sort(key=lambda item: item[1].num_new != 1)  # stable: decodes first, in running order
+        plan = cls(
+            [seq for seq, _ in items],
+            [work for _, work in items],
+            [seq.lora_slot for seq, _ in items],
+            [],
+            [],
+            proposals,
+        )
+        row = 0
+        for j, (seq, work) in enumerate(items):
+            if seq in proposals:
+                plan.sample_rows.append(j)
+                plan.num_logits.append(work.num_new)
+                plan.to_verify.append(seq)
+                plan.verify_rows.extend(range(row, row + work.num_new))
+                row += work.num_new
+            elif work.start + work.num_new == seq.num_tokens:  # the prompt is done: sample its next token
+                plan.sample_rows.append(j)
+                plan.num_logits.append(1)
+                plan.to_sample.append(seq)
+                plan.plain_rows.append(row)
+                row += 1
+        return plan

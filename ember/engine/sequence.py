@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.outputs import Logprob
 from ember.sampling_params import SamplingParams
 
@@ -31,7 +30,6 @@ class Sequence:
     request: Request
     index: int  # which of the request's n samples
     token_ids: list[int]
-    detokenizer: IncrementalDetokenizer | None  # None when the caller detokenizes
     generator: torch.Generator | None
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
@@ -50,9 +48,9 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # Logprob entries of tokens not yet reported (None: not asked for); the client keeps the history.
     logprobs: list[dict[int, Logprob]] | None = None
-    cumulative_logprob: float = 0.0
-    num_emitted_tokens: int = 0  # output tokens already handed out as deltas
+    num_emitted_tokens: int = 0  # output tokens already reported
 
     @property
     def num_tokens(self) -> int:

@@ -34,6 +34,7 @@ from ember.engine.async_engine import (
     EngineOverloadedError,
     LoRAOpError,
 )
+from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
 from ember.server import openai_format as fmt
@@ -43,6 +44,12 @@ from ember.server.protocol import AdapterRequest, ChatCompletionRequest, Complet
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = ("/health", "/ready")  # reachable without an API key
+# What a refused adapter operation answers: status, code, the field at fault.
+_LORA_ERRORS = {
+    ErrorKind.INVALID: (400, "invalid_adapter", "path"),
+    ErrorKind.NOT_FOUND: (404, "model_not_found", "name"),
+    ErrorKind.CONFLICT: (409, "adapter_in_use", "name"),
+}
 RETRY_AFTER_S = {429: "1", 503: "5"}
 
 
@@ -280,10 +287,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoRAOpError)
     async def _lora(_: Request, exc: LoRAOpError) -> JSONResponse:
-        codes = {400: "invalid_adapter", 404: "model_not_found", 409: "adapter_in_use"}
-        return _error(
-            exc.status, str(exc), param="path" if exc.status == 400 else "name", code=codes.get(exc.status)
-        )
+        status, code, param = _LORA_ERRORS[exc.kind]
+        return _error(status, str(exc), param=param, code=code)
 
     @app.exception_handler(EngineOverloadedError)
     async def _overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:

@@ -17,6 +17,7 @@ import uvicorn
 
 from ember.config import EngineConfig
 from ember.engine.async_engine import AsyncEngine
+from ember.engine.client import EngineState
 from ember.server.app import ServerState, create_app
 
 log = logging.getLogger("ember.serve")
@@ -185,5 +186,5 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         server.run()
     finally:
         engine.shutdown()
-    failed = engine.error is not None and engine.error != "the engine was shut down"
+    failed = engine.state is EngineState.FAILED
     return 1 if failed or server.failed or not server.started else 0

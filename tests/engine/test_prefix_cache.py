@@ -18,7 +18,7 @@ def _seq(tokens: list[int], salt: bytes | None = None, cap: int | None = None) -
     request = Request("r", None, list(tokens), SamplingParams(), len(tokens) + 8)
     request.cache_root = root_hash(salt)
     request.max_cached_tokens = cap
-    seq = Sequence(request, 0, list(tokens), None, None)
+    seq = Sequence(request, 0, list(tokens), None)
     request.seqs.append(seq)
     return seq
 
