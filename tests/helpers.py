@@ -125,3 +125,35 @@ def assert_follows_along_common_greedy_path(
                 break
             same += 1
     assert same >= 0.75 * max_tokens * len(prompts) and compared >= 3 * len(prompts)
+
+
+def client_generate(engine, prompts: list, params, loras: list | None = None) -> list:
+    """Run `prompts` concurrently through an engine client (AsyncEngine, in a thread or a process):
+    the final RequestOutput of each, in order."""
+    import asyncio
+
+    async def one(prompt, lora):
+        last = None
+        async for out in engine.generate(prompt, params, lora=lora):
+            last = out
+        return last
+
+    async def run():
+        return await asyncio.gather(
+            *(one(p, a) for p, a in zip(prompts, loras or [None] * len(prompts), strict=True))
+        )
+
+    return asyncio.run(run())
+
+
+def wait_client_idle(engine, timeout: float = 30.0) -> None:
+    """Until the client's core reports nothing running or waiting and every KV block free."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = engine.stats
+        if s is not None and s.num_running == s.num_waiting == 0 and s.kv_cache_usage == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the engine did not go idle: {engine.stats}")

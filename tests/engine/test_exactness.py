@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
-from tests.helpers import ember_last_logits, hf_greedy, hf_last_logits, make_prompts
+from tests.helpers import (
+    client_generate,
+    ember_last_logits,
+    hf_greedy,
+    hf_last_logits,
+    make_prompts,
+    wait_client_idle,
+)
 
 # Chat prompts from ~30 tokens (the template's system prompt) to well over 1,000, plus raw text prompts
 # of a few tokens.
@@ -87,3 +94,26 @@ def test_random_models_greedy_match_hf(random_pair):
 def test_random_models_logits_match_hf(random_pair):
     llm, hf_model = random_pair
     _check_logits(llm, hf_model, make_prompts(llm.tokenizer, [5, 77, 500], seed=2), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_random_models_greedy_match_hf_through_both_clients(random_pair, random_model_dirs, mode):
+    """The same check through the serving client: the core on a thread, and in a process of its own."""
+    from ember import AsyncEngine, CacheConfig, EngineConfig
+
+    llm, hf_model = random_pair
+    path = next(p for p in random_model_dirs.values() if str(p) == llm.engine.config.model)
+    prompts = make_prompts(llm.tokenizer, [3, 20, 45, 90, 300, 600], seed=1)
+    eos = llm.engine.eos_token_ids
+    expected = [hf_greedy(hf_model, p, NEW_TOKENS, eos) for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    engine = AsyncEngine(EngineConfig(model=str(path), cache=CacheConfig(kv_cache_memory="64MiB")), mode=mode)
+    try:
+        batched = [r.outputs[0].token_ids for r in client_generate(engine, prompts, params)]
+        alone = [client_generate(engine, [p], params)[0].outputs[0].token_ids for p in prompts]
+        for i, want in enumerate(expected):
+            assert batched[i] == want, f"prompt {i} ({len(prompts[i])} tokens), batched"
+            assert alone[i] == want, f"prompt {i} ({len(prompts[i])} tokens), alone"
+        wait_client_idle(engine)
+    finally:
+        engine.shutdown()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ember import LLM, SamplingParams
-from tests.helpers import make_prompts
+from tests.helpers import make_prompts, wait_client_idle
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
@@ -130,3 +130,43 @@ def test_engine_seed_makes_unseeded_sampling_reproducible(random_model_dirs):
         [1, 2, 3],
         SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
     )
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_unchanged_through_both_clients(random_model_dirs, random_llm, mode):
+    """Through the serving client, in a pool small enough to preempt: a target's greedy output is what
+    it gives alone while others join, and one leaves mid-way (its caller stops reading); every block
+    comes back."""
+    import asyncio
+
+    from ember import AsyncEngine, CacheConfig, EngineConfig
+
+    prompts = make_prompts(random_llm.tokenizer, [30, 20, 35, 50, 28, 44], seed=8)
+    want = [_alone(random_llm, p) for p in prompts]
+    config = EngineConfig(
+        model=str(random_model_dirs["llama-gqa"]), cache=CacheConfig(block_size=4, num_blocks=40)
+    )
+    engine = AsyncEngine(config, mode=mode)
+
+    async def one(prompt, delay: float, leave_after: int | None = None):
+        await asyncio.sleep(delay)
+        last, n = None, 0
+        async for out in engine.generate(prompt, GREEDY):
+            last, n = out, n + 1
+            if leave_after is not None and n >= leave_after:
+                return None
+        return last.outputs[0].token_ids
+
+    async def run():
+        jobs = [one(prompts[0], 0.0)]
+        jobs += [one(p, 0.05 * (i + 1)) for i, p in enumerate(prompts[1:])]
+        jobs.append(one(prompts[3], 0.1, leave_after=3))
+        return await asyncio.gather(*jobs)
+
+    try:
+        got = asyncio.run(run())
+        assert got[:-1] == want and got[-1] is None
+        assert engine.stats.num_preemptions > 0
+        wait_client_idle(engine)
+    finally:
+        engine.shutdown()

@@ -17,7 +17,7 @@ from ember import LLM, SamplingParams, SpeculativeConfig
 from ember.engine.structured import StructuredOutputs
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
-from tests.helpers import hf_greedy
+from tests.helpers import client_generate, hf_greedy, wait_client_idle
 
 # name -> (rank, alpha, target modules, rsLoRA)
 ADAPTERS = {
@@ -293,3 +293,32 @@ def test_speculative_decoding_with_adapters(adapters, method):
     s = llm.engine.speculator
     assert 0 < s.num_accepted_tokens < s.num_draft_tokens
     assert llm.engine.kv.pool.is_whole()
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_mixed_adapters_match_peft_through_both_clients(adapters, mode):
+    """Three adapters and the bare base in one batch through the serving client, the core on a thread
+    and in a process: PEFT's merged models' greedy tokens."""
+    import asyncio
+
+    from ember import AsyncEngine, CacheConfig, EngineConfig, LoRAConfig
+
+    base_dir, root, refs = adapters
+    config = EngineConfig(
+        model=str(base_dir),
+        cache=CacheConfig(num_blocks=128),
+        lora=LoRAConfig(enabled=True, max_rank=16),
+    )
+    engine = AsyncEngine(config, mode=mode)
+
+    async def load():
+        for name in ADAPTERS:
+            await engine.add_lora(name, str(root / name))
+
+    try:
+        asyncio.run(load())
+        got = client_generate(engine, PROMPTS, GREEDY, ASSIGNED)
+        assert [r.outputs[0].token_ids for r in got] == _want(refs)
+        wait_client_idle(engine)
+    finally:
+        engine.shutdown()
