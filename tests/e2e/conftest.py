@@ -76,17 +76,25 @@ def embedder() -> EmbeddingModel:
     return EmbeddingModel.load("all-minilm-l6-v2")
 
 
-@pytest.fixture(scope="module")
-def server(default_model_dir, embedder):
-    """The default model with embeddings, open (no API keys)."""
+@contextlib.contextmanager
+def default_server(model_dir, embedder, mode: str = "thread") -> Iterator[tuple[str, AsyncEngine]]:
+    """The default model with embeddings, open (no API keys), its engine core on a thread or in a process."""
     engine = AsyncEngine(
-        EngineConfig(model=str(default_model_dir), cache=CacheConfig(kv_cache_memory="256MiB")), max_queue=64
+        EngineConfig(model=str(model_dir), cache=CacheConfig(kv_cache_memory="256MiB")),
+        mode=mode,
+        max_queue=64,
     )
     try:
         with running_server(engine, ServerState(embedder=embedder)) as url:
             yield url, engine
     finally:
         engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, embedder):
+    with default_server(default_model_dir, embedder) as s:
+        yield s
 
 
 def small_engine(model_dir, max_num_seqs: int, max_queue: int) -> AsyncEngine:

@@ -13,9 +13,16 @@ import pytest
 
 from ember import SamplingParams
 from ember.server.app import ServerState
-from tests.e2e.conftest import MODEL, running_server, small_engine, wait_idle
+from tests.e2e.conftest import MODEL, default_server, running_server, small_engine, wait_idle
 
 USER = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request, default_model_dir, embedder):
+    """Every test here runs against both engine clients: the core on a thread and in a process."""
+    with default_server(default_model_dir, embedder, request.param) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
