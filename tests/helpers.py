@@ -157,3 +157,21 @@ def wait_client_idle(engine, timeout: float = 30.0) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"the engine did not go idle: {engine.stats}")
+
+
+def sample_rows(logits, rows: list, generator=None):
+    """The tensor sampler on rows that look like sequences (params, token ids, a generator): the batch
+    built as the engine builds it each step."""
+    from ember.engine.sampler import SamplingBatch, sample
+
+    return sample(logits, SamplingBatch.build(rows, logits.shape[-1], logits.device), generator)
+
+
+def filtered_probs_of(logits, params: list):
+    """top-k, top-p and min-p of these SamplingParams, one per row, on logits already tempered."""
+    from types import SimpleNamespace
+
+    from ember.engine.sampler import SamplingBatch, filtered_probs
+
+    rows = [SimpleNamespace(params=p, num_output_tokens=0) for p in params]
+    return filtered_probs(logits, SamplingBatch.build(rows, logits.shape[-1], logits.device))

@@ -15,7 +15,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -24,11 +23,12 @@ from ember.engine.kv_cache import KVCacheManager, root_hash
 from ember.engine.messages import CoreStats, EngineInfo, RequestUpdate, SampleUpdate
 from ember.engine.model_runner import ModelRunner
 from ember.engine.proposers import DraftProposer, NgramProposer, Proposal
-from ember.engine.sampler import sample
+from ember.engine.sampler import SamplingBatch, sample
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Request, Sequence
 from ember.engine.speculative import Speculator, Verdict
 from ember.engine.structured import GrammarCompiler, allowed_tokens, bitmask_words
+from ember.engine.work import Work, decodes_first
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
 from ember.lora.manager import LoRAManager
@@ -333,7 +333,9 @@ class EngineCore:
             seqs += group
         if seqs:
             picked = logits[torch.tensor(rows, device=logits.device)]
-            result = sample(picked, seqs, self.generator, self._grammar_masks(seqs, picked.shape[-1]))
+            vocab = picked.shape[-1]
+            batch = SamplingBatch.build(seqs, vocab, picked.device)
+            result = sample(picked, batch, self.generator, self._grammar_masks(seqs, vocab))
             for i, seq in enumerate(seqs):
                 self._append_token(seq, result.token_ids[i], result.logprobs[i])
                 touched[seq.request.request_id] = seq.request
@@ -465,20 +467,10 @@ class EngineCore:
         )
 
 
-class Work(NamedTuple):
-    """One sequence's share of a step, as the model runner reads it."""
-
-    token_ids: list[int]  # its tokens, with the proposed ones appended when they are verified
-    start: int  # tokens whose KV is cached: the first position computed now
-    num_new: int  # positions computed this step
-    block_table: list[int]
-
-
 @dataclass
 class StepPlan:
-    """A scheduled step laid out for the runner: decodes first (the attention metadata takes the leading
-    one-token rows as the decode batch), then prefill chunks and verifications. This is the one place
-    that order is made."""
+    """A scheduled step laid out for the runner (decodes first, see ember.engine.work) and what to do with
+    its logits: plain samples and speculative verifications."""
 
     seqs: list[Sequence]
     work: list[Work]
@@ -511,7 +503,7 @@ class StepPlan:
                     seq.block_table,
                 )
             items.append((seq, work))
-        items.sort(key=lambda item: item[1].num_new != 1)  # stable: decodes first, in running order
+        items = [items[i] for i in decodes_first([w for _, w in items])]
         plan = cls(
             [seq for seq, _ in items],
             [work for _, work in items],

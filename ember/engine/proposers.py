@@ -16,8 +16,9 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from ember.engine.model_runner import ModelRunner
-from ember.engine.sampler import apply_bias_and_penalties, filtered_probs
+from ember.engine.sampler import SamplingBatch, apply_bias_and_penalties, probabilities
 from ember.engine.sequence import Sequence, SequenceAhead
+from ember.engine.work import Work, decodes_first
 from ember.models.llama import LlamaForCausalLM
 
 # The most tokens of a sequence the draft model catches up on in one step.
@@ -106,7 +107,7 @@ class DraftProposer:
             start = seq.num_draft_computed
             n = min(seq.num_tokens - start, _CATCH_UP_TOKENS)
             done = start + n == seq.num_tokens
-            entries.append(((seq.token_ids, start, n, seq.block_table), done))
+            entries.append((Work(seq.token_ids, start, n, seq.block_table), done))
             if done:
                 first.append(i)
             else:
@@ -120,7 +121,7 @@ class DraftProposer:
             entries = []
             for i in active:
                 tokens = seqs[i].token_ids + drafted[i]
-                entries.append(((tokens, len(tokens) - 1, 1, seqs[i].block_table), True))
+                entries.append((Work(tokens, len(tokens) - 1, 1, seqs[i].block_table), True))
             self._draft(self._run(entries), active, seqs, drafted, dists)
         for seq, k in zip(seqs, ks, strict=True):
             if k:
@@ -129,9 +130,9 @@ class DraftProposer:
             Proposal(tokens, torch.stack(q) if q else None) for tokens, q in zip(drafted, dists, strict=True)
         ]
 
-    def _run(self, entries: list[tuple[tuple, bool]]) -> torch.Tensor:
+    def _run(self, entries: list[tuple[Work, bool]]) -> torch.Tensor:
         """entries: (work item, wants logits). -> logits of the entries that want them, in entry order."""
-        order = sorted(range(len(entries)), key=lambda r: entries[r][0][2] != 1)  # decodes first
+        order = decodes_first([work for work, _ in entries])
         wanted = [r for r in order if entries[r][1]]
         rows = [pos for pos, r in enumerate(order) if entries[r][1]]
         logits = self.runner.execute([entries[r][0] for r in order], rows)
@@ -150,13 +151,12 @@ class DraftProposer:
         """The draft's token per row, after the request's bias and penalties (guessing as the target
         will choose): the argmax for greedy requests, else a draw from the draft's own tempered, filtered
         distribution, which is returned as verification needs it."""
-        apply_bias_and_penalties(logits, seqs)
+        batch = SamplingBatch.build(seqs, logits.shape[-1], logits.device)
+        apply_bias_and_penalties(logits, batch)
         out: list[tuple[int, torch.Tensor | None]] = [(t, None) for t in logits.argmax(dim=-1).tolist()]
         sampled = [r for r, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
-            params = [seqs[r].params for r in sampled]
-            temps = torch.tensor([p.temperature for p in params], device=logits.device)
-            q = filtered_probs(logits[sampled] / temps[:, None], params)
+            q = probabilities(logits[sampled], batch.take(sampled))
             tokens = torch.multinomial(q, 1, generator=self.generator).squeeze(1).tolist()
             for j, r in enumerate(sampled):
                 out[r] = (tokens[j], q[j])

@@ -31,7 +31,7 @@ import torch
 
 from ember.config import SpeculativeConfig
 from ember.engine.proposers import DraftProposer, NgramProposer, Proposal
-from ember.engine.sampler import apply_bias_and_penalties, filtered_probs, logprob_entries
+from ember.engine.sampler import SamplingBatch, apply_bias_and_penalties, logprob_entries, probabilities
 from ember.engine.sequence import Sequence, SequenceAhead
 from ember.outputs import Logprob
 
@@ -111,15 +111,14 @@ class Speculator:
         for seq, prop in zip(seqs, proposals, strict=True):
             views += [SequenceAhead(seq, prop.tokens[:j]) for j in range(len(prop.tokens) + 1)]
         processed = logits.clone()
-        apply_bias_and_penalties(processed, views)
+        batch = SamplingBatch.build(views, logits.shape[-1], logits.device)
+        apply_bias_and_penalties(processed, batch)
         best = processed.argmax(dim=-1).tolist()
         sampled = [r for r, v in enumerate(views) if not v.params.greedy]
         probs = torch.empty(0)
         if sampled:
-            params = [views[r].params for r in sampled]
-            temps = torch.tensor([p.temperature for p in params], device=logits.device)
             probs = torch.zeros_like(processed)
-            probs[sampled] = filtered_probs(processed[sampled] / temps[:, None], params)
+            probs[sampled] = probabilities(processed[sampled], batch.take(sampled))
 
         verdicts, start = [], 0
         for seq, prop in zip(seqs, proposals, strict=True):
@@ -166,7 +165,9 @@ class Speculator:
         if p.logprobs is None:
             return Verdict(tokens, None, None)
         rows = list(range(len(tokens)))
-        entries, chosen = logprob_entries(torch.log_softmax(raw, dim=-1), tokens, [p] * len(tokens), rows)
+        entries, chosen = logprob_entries(
+            torch.log_softmax(raw, dim=-1), tokens, [p.logprobs] * len(tokens), rows
+        )
         return Verdict(tokens, entries, chosen)
 
     def _learn(self, seq: Sequence, kept: int, proposed: int) -> None:

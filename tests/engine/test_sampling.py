@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ember import SamplingParams
-from ember.engine.sampler import sample
 from tests.helpers import make_prompts
+from tests.helpers import sample_rows as sample
 
 
 def _fake_seq(params: SamplingParams, token_ids=(1, 2, 3), prompt_len=1, generator=None):

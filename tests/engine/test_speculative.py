@@ -9,8 +9,8 @@ from scipy.stats import chi2_contingency, chisquare
 
 from ember import LLM, SamplingParams, SpeculativeConfig
 from ember.engine.proposers import NgramProposer, Proposal
-from ember.engine.sampler import filtered_probs
 from ember.engine.speculative import Speculator
+from tests.helpers import filtered_probs_of as filtered_probs
 from tests.helpers import make_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
