@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API: a thin adapter over AsyncEngine (and the embedding model).
+"""The OpenAI-compatible HTTP API: routes, auth and errors over the backends of ember.server.backend
+(ember's engine, the embedding model).
 
 Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
 field (never FastAPI's 422), 401 for a missing or wrong key, 404 for an unknown model or route, 429 when
@@ -7,15 +8,11 @@ the queue is full and 503 while loading, draining or after the engine died (both
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import hashlib
 import hmac
 import json
 import logging
 import os
-import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -34,11 +31,10 @@ from ember.engine.async_engine import (
     EngineOverloadedError,
     LoRAOpError,
 )
+from ember.engine.client import EngineState
 from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
-from ember.outputs import RequestOutput
-from ember.server import openai_format as fmt
-from ember.server import tools
+from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
 from ember.server.protocol import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
@@ -104,16 +100,18 @@ def _error(
 
 
 def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None = None) -> FastAPI:
+    """The routes over ember's engine (`engine`, served as `model_name`) and the server's embedding model."""
     state = state or ServerState()
     app = FastAPI(title="ember", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.ember = state
-    created = int(time.time())
+    backend = EngineBackend(engine, model_name)
+    embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests)
     _install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.is_running:
+        if backend.state in (EngineState.LOADING, EngineState.READY):
             return JSONResponse({"status": "ok"})
         return _error(503, f"the engine has stopped: {engine.error or 'shut down'}", kind="server_error")
 
@@ -121,8 +119,15 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     async def ready() -> JSONResponse:
         if state.draining:
             return _error(503, "the server is draining", kind="server_error", code="draining")
-        if not engine.is_ready or state.loading_adapters:
-            why = "the model is loading" if engine.is_running else f"the engine has stopped: {engine.error}"
+        now = backend.state
+        if now is not EngineState.READY or state.loading_adapters:
+            why = (
+                "the model is loading"
+                if now is EngineState.LOADING
+                else f"the engine has stopped: {engine.error}"
+            )
+            if now is EngineState.READY:
+                why = "the LoRA adapters are loading"
             return _error(503, why, kind="server_error", code="not_ready")
         return JSONResponse({"status": "ready"})
 
@@ -132,27 +137,21 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
 
     @app.get("/v1/models")
     async def models() -> dict:
-        names = [model_name] + ([state.embedder.name] if state.embedder is not None else [])
-        cards = [{"id": n, "object": "model", "created": created, "owned_by": "ember"} for n in names]
-        cards += [_adapter_card(name) for name in sorted(engine.adapters)]
+        cards = backend.model_cards()
+        if embeddings is not None:
+            cards[1:1] = embeddings.model_cards(backend.created)
         return {"object": "list", "data": cards}
-
-    def _adapter_card(name: str, path: str | None = None) -> dict:
-        # As vLLM lists LoRA modules: the adapter is a model whose parent is the base. Where it lives on
-        # the server is for the admin's listing only.
-        card = {"id": name, "object": "model", "created": created, "owned_by": "ember", "parent": model_name}
-        return card if path is None else {**card, "path": path}
 
     @app.get("/v1/adapters")
     async def list_adapters() -> dict:
-        return {"object": "list", "data": [_adapter_card(n, p) for n, p in sorted(engine.adapters.items())]}
+        return {"object": "list", "data": [backend.card(n, p) for n, p in sorted(engine.adapters.items())]}
 
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterRequest) -> dict:
         if body.name == model_name or body.name in engine.adapters:
             raise _Refuse(409, f"a model or adapter named '{body.name}' already exists", "adapter_exists")
         await engine.add_lora(body.name, body.path)
-        return _adapter_card(body.name, body.path)
+        return backend.card(body.name, body.path)
 
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str) -> dict:
@@ -162,88 +161,44 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
         return {"id": name, "object": "model", "deleted": True}
 
     def _admit(name: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model); 404 for anything else.
-        Adapters answer to their own name or to BASE:NAME."""
+        """The adapter a request's `model` names (None: the base model); 404 for anything else."""
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
-        if name == model_name:
-            return None
-        base, sep, rest = name.rpartition(":")  # adapter names have no ':'; a base's name may
-        if name in engine.adapters:
-            return name
-        if sep and base == model_name and rest in engine.adapters:
-            return rest
-        if state.embedder is not None and name == state.embedder.name:
+        target = backend.resolve(name)
+        if target is not False:
+            return target
+        if embeddings is not None and name == embeddings.name:
             raise InvalidRequest(f"'{name}' is an embedding model; use /v1/embeddings", param="model")
-        known = ", ".join([model_name, *sorted(engine.adapters)])
+        known = ", ".join(backend.known())
         raise _Refuse(404, f"model '{name}' does not exist; available: {known}", "model_not_found")
+
+    def _context(request: Request) -> RequestContext:
+        return RequestContext(
+            state.cache_salt(getattr(request.state, "api_key", None)), request.is_disconnected
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        lora = _admit(body.model)
-        body.check_supported()
-        messages, tool_defs = tools.render(body, engine.tokenizer.hf.chat_template)
-        # Templates render off the event loop: a long history takes a while.
-        prompt_ids = await asyncio.to_thread(engine.tokenizer.apply_chat_template, messages, True, tool_defs)
-        top = body.requested_logprobs()
-        params = body.sampling_params(None, top)
-        params.structured = tools.constraint(body)
-        return await _respond(
-            engine, request, body, [prompt_ids], params, True, top, state, lora, body.tool_mode()
-        )
+        target = _admit(body.model)
+        return _reply(await backend.chat(body, target, _context(request)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        lora = _admit(body.model)
-        body.check_supported()
-        params = body.sampling_params(16, body.logprobs)
-        return await _respond(
-            engine, request, body, body.prompts(), params, False, body.logprobs, state, lora
-        )
+        target = _admit(body.model)
+        return _reply(await backend.complete(body, target, _context(request)))
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
-        embedder = state.embedder
+    async def embed(body: EmbeddingRequest):
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
-        if embedder is None or body.model != embedder.name:
-            known = embedder.name if embedder is not None else "none (start with --embedding-model)"
+        if embeddings is None or body.model != embeddings.name:
+            known = embeddings.name if embeddings is not None else "none (start with --embedding-model)"
             raise _Refuse(
                 404, f"embedding model '{body.model}' does not exist; available: {known}", "model_not_found"
             )
-        if body.dimensions is not None and body.dimensions != embedder.dim:
-            raise InvalidRequest(
-                f"dimensions must be {embedder.dim} for {embedder.name} (got {body.dimensions})",
-                param="dimensions",
-            )
-        items = body.inputs()
-        vectors, n_tokens = await asyncio.to_thread(_embed, embedder, items)
-        data = []
-        for i, v in enumerate(vectors):
-            if body.encoding_format == "base64":
-                value: object = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
-            else:
-                value = v.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": value})
-        usage = {"prompt_tokens": n_tokens, "total_tokens": n_tokens}
-        return {"object": "list", "data": data, "model": embedder.name, "usage": usage}
+        return await embeddings.embed(body)
 
     return app
-
-
-def _embed(embedder, items: list[str | list[int]]):
-    texts = [i for i, x in enumerate(items) if isinstance(x, str)]
-    ids: list[list[int]] = list(items)  # type: ignore[arg-type]
-    for i, tokens in zip(texts, embedder.tokenize([items[i] for i in texts]), strict=True):
-        ids[i] = tokens
-    for i, tokens in enumerate(ids):
-        if len(tokens) > embedder.max_input_tokens:
-            raise InvalidRequest(
-                f"input[{i}] has {len(tokens)} tokens; {embedder.name} reads at most {embedder.max_input_tokens}",
-                param="input",
-                code="context_length_exceeded",
-            )
-    return embedder.embed(ids), sum(map(len, ids))
 
 
 class _Refuse(Exception):
@@ -266,6 +221,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "missing":
             return _error(400, f"'{where}' is required", param=where or None)
         return _error(400, f"'{where or 'body'}': {msg}", param=where or None)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, exc: ClientGone) -> JSONResponse:
+        return JSONResponse({}, status_code=499)
 
     @app.exception_handler(InvalidRequest)
     async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
@@ -403,155 +362,25 @@ def _presented_key(scope) -> str | None:
     return bearer_key(headers[0].decode("latin-1")) if len(headers) == 1 else None
 
 
-# -- generation ------------------------------------------------------------------------------------------
+# -- streams -------------------------------------------------------------------------------------------
 
 
-async def _respond(
-    engine: AsyncEngine,
-    http: Request,
-    body,
-    prompts: list,
-    params,
-    chat: bool,
-    top: int | None,
-    state: ServerState,
-    lora: str | None = None,
-    tool_mode: str | None = None,
-):
-    total = len(prompts) * params.n
-    if engine.max_pending is not None and total > engine.max_pending:
-        what = f"{len(prompts)} prompts x n={params.n}" if len(prompts) > 1 else f"n={params.n}"
-        raise InvalidRequest(
-            f"{what} is {total} sequences, more than this server admits at once ({engine.max_pending})",
-            param="n" if len(prompts) == 1 else "prompt",
-        )
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
-    salt = state.cache_salt(getattr(http.state, "api_key", None))
-    cache_cap = body.prompt_cache_max_len
-    streams = [
-        engine.generate(p, params, request_id=i, cache_salt=salt, max_cached_tokens=cache_cap, lora=lora)
-        for p, i in zip(prompts, ids, strict=True)
-    ]
+async def _sse(stream: Stream) -> AsyncIterator[str]:
+    """A backend's chunks as server-sent events; an error after the stream began is reported in-band."""
     try:
-        # The first output of each prompt before answering: a refused request gets a plain 4xx, not a broken stream.
-        firsts = await _unless_disconnected(http, _firsts(streams))
-    except BaseException:
-        for s in streams:
-            await s.aclose()
-        raise
-    if firsts is _GONE:
-        for s in streams:
-            await s.aclose()
-        return JSONResponse({}, status_code=499)
-    logprobs = fmt.LogprobFormatter(engine.tokenizer, top) if top is not None else None
-    obj = "chat.completion" if chat else "text_completion"
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        base = fmt.envelope(rid, created, body.model, obj + ".chunk" if chat else obj)
-        maker = fmt.ChunkMaker(base, chat, params.n, logprobs, include_usage, tool_mode)
-        return StreamingResponse(
-            _sse(firsts, streams, maker),
-            media_type="text/event-stream",
-            # Runs once the response is over, however it ended: a client that left aborts its requests.
-            background=BackgroundTask(_abort_all, engine, ids),
-        )
-    outs = await _unless_disconnected(
-        http, asyncio.gather(*(_last(f, s) for f, s in zip(firsts, streams, strict=True)))
-    )
-    if outs is _GONE:
-        _abort_all(engine, ids)
-        return JSONResponse({}, status_code=499)
-    if chat:
-        choices = [fmt.chat_choice(c, c.index, logprobs, tool_mode) for c in outs[0].outputs]
-    else:
-        choices = [
-            fmt.completion_choice(c, i * params.n + c.index, logprobs)
-            for i, o in enumerate(outs)
-            for c in o.outputs
-        ]
-    return {**fmt.envelope(rid, created, body.model, obj), "choices": choices, "usage": fmt.usage(outs)}
-
-
-_GONE = object()
-
-
-async def _unless_disconnected(http: Request, awaitable):
-    """The awaitable's result, or _GONE once the client hung up (the awaitable is then cancelled).
-
-    The server does not cancel a handler whose client left, so it is watched for here.
-    """
-    task = asyncio.ensure_future(awaitable)
-    try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await http.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                return _GONE
-        return task.result()
-    finally:
-        if not task.done():  # this handler itself was cancelled
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
-
-async def _firsts(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    return [await anext(s) for s in streams]
-
-
-def _abort_all(engine: AsyncEngine, ids: list[str]) -> None:
-    for i in ids:
-        engine.abort(i)
-
-
-async def _last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    last = first
-    try:
-        async for out in stream:
-            last = out
-    finally:
-        await stream.aclose()
-    return last
-
-
-async def _merge(firsts: list[RequestOutput], streams: list[AsyncIterator[RequestOutput]]):
-    """(prompt index, output) from several streams as they come."""
-    for i, f in enumerate(firsts):
-        yield i, f
-    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams) if not firsts[i].finished}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                try:
-                    out = task.result()
-                except StopAsyncIteration:
-                    continue
-                yield i, out
-                if not out.finished:
-                    pending[asyncio.ensure_future(anext(streams[i]))] = i
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)  # settled before their streams close
-        for s in streams:
-            await s.aclose()
-
-
-async def _sse(firsts: list[RequestOutput], streams: list, maker: fmt.ChunkMaker) -> AsyncIterator[str]:
-    last = list(firsts)
-    try:
-        async for i, out in _merge(firsts, streams):
-            last[i] = out
-            for chunk in maker.chunks(i, out):
-                yield "data: " + json.dumps(chunk) + "\n\n"
-        if maker.include_usage:
-            yield "data: " + json.dumps(maker.usage_chunk(last)) + "\n\n"
+        async for chunk in stream.chunks:
+            yield "data: " + json.dumps(chunk) + "\n\n"
     except Exception as exc:  # the stream has begun: report in-band, then close
         log.warning("stream failed after it began: %s", exc)
         yield "data: " + json.dumps(error_body(str(exc), "server_error")) + "\n\n"
         return
     yield "data: [DONE]\n\n"
+
+
+def _reply(answer: dict | Stream):
+    if isinstance(answer, Stream):
+        # close() runs once the response is over, however it ended: a client that left aborts its requests.
+        return StreamingResponse(
+            _sse(answer), media_type="text/event-stream", background=BackgroundTask(answer.close)
+        )
+    return answer
