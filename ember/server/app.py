@@ -36,9 +36,9 @@ from ember.engine.async_engine import (
 )
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
-from ember.server import openai_format as fmt
-from ember.server import tools
-from ember.server.protocol import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ember.protocol import format as fmt
+from ember.protocol import tools
+from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
 
