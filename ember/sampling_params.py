@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ember.engine.structured import StructuredOutputs
+from ember.structured_outputs import StructuredOutputs
 
 _MAX_LOGPROBS = 20
 

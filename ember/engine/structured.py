@@ -1,8 +1,8 @@
 """Structured outputs: grammars that constrain decoding, one token mask row per sequence per step.
 
-Backed by llguidance (see the README for why): a request's constraint (a JSON schema, any JSON object, a
-Lark or GBNF grammar, a regex or a list of choices) becomes one llguidance grammar string, which is also
-its cache key. Compiling it (building the Earley parser and warming the lexer on the vocabulary) runs on
+Backed by llguidance (see the README for why): a request's constraint (ember/structured_outputs.py: a
+JSON schema, any JSON object, a Lark or GBNF grammar, a regex or a list of choices) becomes one llguidance
+grammar string, which is also its cache key. Compiling it (building the Earley parser and warming the lexer on the vocabulary) runs on
 a worker thread, never on the step loop; a sequence waits in the queue until its grammar is ready, and
 the others go on. A compiled grammar is kept as a template matcher; each sequence runs a cheap copy of
 it (copies share the lexer's state cache, so later masks are ~0.1 ms).
@@ -10,106 +10,16 @@ it (copies share the lexer's state cache, so later masks are ~0.1 ms).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 from ember.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
-
-# JSON is generated compactly but readably, with no free whitespace: a small model given "any
-# whitespace" can spend its whole budget on newlines. A schema's own "x-guidance" options still win.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_MAX_GRAMMAR_CHARS = 1_000_000
-
-
-@dataclass
-class StructuredOutputs:
-    """Exactly one of the fields: what the output must be (vLLM's StructuredOutputsParams)."""
-
-    json: dict | str | None = None  # a JSON schema (dict or its text)
-    json_object: bool = False  # any JSON object
-    grammar: str | None = None  # a GBNF (llama.cpp) or Lark (llguidance) grammar
-    regex: str | None = None
-    choice: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        given = [
-            name for name in ("json", "grammar", "regex", "choice") if getattr(self, name) is not None
-        ] + (["json_object"] if self.json_object else [])
-        if len(given) != 1:
-            raise ValueError(
-                "structured outputs take exactly one of json, json_object, grammar, regex, choice "
-                f"(got {', '.join(given) or 'none'})"
-            )
-
-    def grammar_text(self) -> str:
-        """The llguidance grammar (the cache key); InvalidRequest where the input cannot be one."""
-        import llguidance
-
-        try:
-            if self.json is not None:
-                schema = json.loads(self.json) if isinstance(self.json, str) else self.json
-                if not isinstance(schema, dict):
-                    raise InvalidRequest("the JSON schema must be an object", param="response_format")
-                return llguidance.LLMatcher.grammar_from_json_schema(closed(schema), defaults=JSON_OPTIONS)
-            if self.json_object:
-                return llguidance.LLMatcher.grammar_from_json_schema(
-                    {"type": "object"}, defaults=JSON_OPTIONS
-                )
-            if self.grammar is not None:
-                return grammar_from_text(self.grammar)
-            if self.regex is not None:
-                return llguidance.LLMatcher.grammar_from_regex(self.regex)
-            if not self.choice or not all(isinstance(c, str) and c for c in self.choice):
-                raise InvalidRequest("choice must be a non-empty list of non-empty strings")
-            return llguidance.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(c) for c in self.choice)
-            )
-        except InvalidRequest:
-            raise
-        except (ValueError, TypeError) as exc:  # not JSON, not a grammar llguidance can read
-            raise InvalidRequest(
-                f"invalid structured output constraint: {exc}", param="response_format"
-            ) from None
-
-
-# Keys whose values are data, not subschemas: never rewritten.
-_DATA_KEYS = frozenset({"const", "enum", "default", "examples", "x-guidance"})
-
-
-def closed(schema):
-    """The schema with objects that list their properties closed to others (additionalProperties false
-    where it is unset), as OpenAI's strict mode and xgrammar's default have it. Whatever validates against
-    the result validates against the original; a small model left free to add keys may never stop."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: (v if k in _DATA_KEYS else closed(v)) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
-        out["additionalProperties"] = False
-    return out
-
-
-def grammar_from_text(text: str) -> str:
-    """A GBNF grammar (`root ::= ...`, llama.cpp's format) or a Lark one (`start: ...`) -> llguidance's."""
-    import llguidance
-    from llguidance.gbnf_to_lark import any_to_lark
-
-    if len(text) > _MAX_GRAMMAR_CHARS:
-        raise InvalidRequest(f"the grammar is over {_MAX_GRAMMAR_CHARS} characters", param="response_format")
-    try:
-        lark = any_to_lark(text)  # GBNF is converted; Lark passes through
-    except Exception as exc:  # the converter raises bare Exceptions for a rule it cannot resolve
-        raise InvalidRequest(f"invalid grammar: {exc}", param="response_format") from None
-    return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 class GrammarCompiler:

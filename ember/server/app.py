@@ -34,8 +34,8 @@ from ember.engine.async_engine import (
 from ember.engine.client import EngineState
 from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
+from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
-from ember.server.protocol import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Protocol
 from ember.engine.client import EngineClient, EngineState
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
-from ember.server import openai_format as fmt
-from ember.server import tools
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ember.protocol import format as fmt
+from ember.protocol import tools
+from ember.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 
 class ClientGone(Exception):

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from ember import SamplingParams
-from ember.engine.structured import StructuredOutputs, allowed_tokens, closed
+from ember.engine.structured import allowed_tokens
 from ember.errors import InvalidRequest
+from ember.structured_outputs import StructuredOutputs
 from tests.fixtures_tokenizer import smollm2_tokenizer
 
 SCHEMA = {
@@ -25,22 +26,6 @@ SCHEMA = {
     },
     "required": ["kind", "legs", "tags"],
 }
-
-
-def test_closed_shuts_listed_objects_only():
-    schema = {
-        "type": "object",
-        "properties": {
-            "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
-            "c": {"const": {"properties": {}}},
-        },
-        "$defs": {"open": {"type": "object", "properties": {}, "additionalProperties": True}},
-    }
-    out = closed(schema)
-    assert out["additionalProperties"] is False and out["properties"]["a"]["additionalProperties"] is False
-    assert out["properties"]["c"] == {"const": {"properties": {}}}  # data, untouched
-    assert out["$defs"]["open"]["additionalProperties"] is True
-    assert "additionalProperties" not in schema  # the caller's schema is not changed
 
 
 def test_bitmask_unpacking_matches_llguidance():

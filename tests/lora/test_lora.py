@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ember import LLM, SamplingParams, SpeculativeConfig
-from ember.engine.structured import StructuredOutputs
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError
+from ember.structured_outputs import StructuredOutputs
 from tests.helpers import client_generate, hf_greedy, wait_client_idle
 
 # name -> (rank, alpha, target modules, rsLoRA)

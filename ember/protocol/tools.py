@@ -22,9 +22,10 @@ import secrets
 import string
 from typing import Any
 
-from ember.engine.structured import JSON_OPTIONS, StructuredOutputs, closed
 from ember.errors import InvalidRequest
-from ember.server.protocol import ChatCompletionRequest, ChatMessage, Tool
+from ember.protocol.chat import ChatMessage, Tool
+from ember.protocol.requests import ChatCompletionRequest
+from ember.structured_outputs import JSON_OPTIONS, StructuredOutputs, closed
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 _END = "}" + CLOSE  # closes the call object, then the block

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
-from ember.server import tools
-from ember.tokenizer import Tokenizer
+from ember.protocol import tools
 
 SYSTEM_FINGERPRINT = "ember-0.1"
+
+
+class TokenBytes(Protocol):
+    """What logprobs need of a tokenizer (ember.tokenizer.Tokenizer is one): the exact bytes of each token.
+    Taken as an interface so that formatting never imports transformers."""
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]: ...
 
 
 def usage(outs: list[RequestOutput]) -> dict:
@@ -33,7 +42,7 @@ def envelope(rid: str, created: int, model: str, obj: str) -> dict:
 class LogprobFormatter:
     """Token logprobs in OpenAI's two shapes: chat (`content` entries with bytes) and legacy completions."""
 
-    def __init__(self, tokenizer: Tokenizer, top: int):
+    def __init__(self, tokenizer: TokenBytes, top: int):
         self.tokenizer = tokenizer
         self.top = top
 

@@ -6,24 +6,23 @@ silently ignored; fields nobody defines are ignored, as OpenAI-compatible server
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ember.engine.structured import StructuredOutputs
 from ember.errors import InvalidRequest
+from ember.protocol.chat import ChatMessage, NamedToolChoice, Tool
 from ember.sampling_params import SamplingParams
+from ember.structured_outputs import StructuredOutputs
 
 MAX_STOP = 4
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_EMBEDDING_INPUTS = 2048
+MAX_TOOLS = 128
 
 # Defined by OpenAI, not served yet (the legacy `functions` are served as `tools`).
 _NOT_YET = ("functions", "function_call", "suffix", "audio")
-MAX_TOOLS = 128
-_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 
 class _Body(BaseModel):
@@ -83,47 +82,6 @@ class ResponseFormat(BaseModel):
         if self.type == "grammar":
             return StructuredOutputs(grammar=self.grammar)
         return None
-
-
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _TOOL_NAME.match(v):
-            raise ValueError(f"function names are 1-64 letters, digits, '_' or '-' (got '{v}')")
-        return v
-
-    @field_validator("parameters")
-    @classmethod
-    def _parameters(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type", "object") != "object":
-            raise ValueError(
-                f"parameters must be a JSON schema of type 'object' (got type '{v.get('type')}')"
-            )
-        return v
-
-
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class NamedFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["function"]
-    function: NamedFunction
 
 
 class _Sampling(_Body):
@@ -219,54 +177,6 @@ class _Sampling(_Body):
 
     def _max_tokens(self) -> int | None:
         return self.max_tokens
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
-
-
-class CalledFunction(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    id: str
-    type: Literal["function"] = "function"
-    function: CalledFunction
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool's answer: to which call
-
-    @model_validator(mode="after")
-    def _tool_fields(self):
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages carry tool_calls")
-        if self.role == "tool" and not self.tool_call_id:
-            raise ValueError("tool messages need the tool_call_id they answer")
-        return self
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            kinds = {p.type for p in self.content} - {"text"}
-            if kinds:
-                raise InvalidRequest(
-                    f"content parts of type {sorted(kinds)} are not supported; this model reads text only",
-                    param="messages",
-                )
-            return "".join(p.text or "" for p in self.content)
-        return self.content or ""
 
 
 class ChatCompletionRequest(_Sampling):

@@ -9,8 +9,8 @@ import llguidance
 import llguidance.hf
 import pytest
 
-from ember.server import tools
-from ember.server.protocol import ChatCompletionRequest
+from ember.protocol import tools
+from ember.protocol.requests import ChatCompletionRequest
 from tests.fixtures_tokenizer import smollm2_tokenizer
 from tests.helpers import ADD
 
