@@ -34,7 +34,7 @@ def _graph() -> dict[str, set[str]]:
             for t in targets:
                 # importing a.b.c runs a.b's __init__ first: the package is a dependency too
                 parts = t.split(".")
-                deps |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)} & modules.keys()
+                deps |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)} & modules.keys()
         # a module's own packages are running already when it is imported: not edges
         graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
     return graph
