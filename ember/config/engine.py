@@ -95,7 +95,7 @@ class SpeculativeConfig:
     draft_num_layers: int | None = setting(None, help="keep only the draft model's first N layers", minimum=1)
     ngram_max: int = setting(
         4,
-        help="prompt lookup matches the last N .. ngram-min tokens, longest first",
+        help="prompt lookup matches the last N down to --ngram-prompt-lookup-min tokens, longest first",
         flag="--ngram-prompt-lookup-max",
     )
     ngram_min: int = setting(

@@ -30,7 +30,8 @@ class DeploymentSpec:
     def __post_init__(self) -> None:
         # Adapters loaded at start, or a key to load them at run time, need the model's LoRA wrappers.
         if (self.server.loras or self.server.admin_key is not None) and not self.engine.lora.enabled:
-            self.engine.lora = dataclasses.replace(self.engine.lora, enabled=True)
+            lora = dataclasses.replace(self.engine.lora, enabled=True)
+            self.engine = dataclasses.replace(self.engine, lora=lora)  # a copy: the caller's stays as given
 
     @property
     def model(self) -> str:
