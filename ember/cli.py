@@ -4,27 +4,28 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING, Any
 
 import typer
 
+from ember.config import DeploymentSpec
+from ember.config.cli import build_spec, schema_command
 from ember.models.catalog import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from ember.config import EngineConfig
+    from ember.engine.llm_engine import LLMEngine
 
 app = typer.Typer(help="ember: serve and run open models on ember's own engine.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-ModelOpt = typer.Option(DEFAULT_MODEL, "--model", "-m", help="catalog name, local path or HF repo id")
 
-
-def _engine(model: str, device: str, dtype: str, kv_cache_memory: str):
-    from ember import CacheConfig, EngineConfig, LLMEngine
+def _engine(config: EngineConfig) -> LLMEngine:
+    from ember import LLMEngine
 
     try:
-        return LLMEngine(
-            EngineConfig(
-                model=model, device=device, dtype=dtype, cache=CacheConfig(kv_cache_memory=kv_cache_memory)
-            )
-        )
+        return LLMEngine(config)
     except (ValueError, RuntimeError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
@@ -44,28 +45,29 @@ def _stream(engine, prompt, params) -> str:
     return text
 
 
+# The engine's flags (and serve's server flags) come from ember.config's schema, defaults included; each
+# command declares only what is its own. `settings` holds the schema flags given on the command line.
+
+
 @app.command()
+@schema_command("engine")
 def generate(
+    settings: dict[str, Any],
     prompt: str = typer.Argument(..., help="the prompt text"),
-    model: str = ModelOpt,
     max_tokens: int = typer.Option(128, help="tokens to generate at most"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
     top_k: int = typer.Option(0),
-    seed: int | None = typer.Option(None),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt as a user message in the chat template"),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    kv_cache_memory: str = typer.Option("1GiB", help="memory budget for the KV block pool"),
 ) -> None:
-    """Generate a completion for PROMPT, streaming it to stdout."""
+    """Generate a completion for PROMPT, streaming it to stdout (--seed seeds the sampling)."""
     from ember import SamplingParams
 
-    engine = _engine(model, device, dtype, kv_cache_memory)
+    engine = _engine(build_spec(settings).engine)
     try:
         params = SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop
         )
         ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         _stream(engine, ids, params)
@@ -76,23 +78,22 @@ def generate(
 
 
 @app.command()
+@schema_command("engine")
 def chat(
-    model: str = ModelOpt,
+    settings: dict[str, Any],
     system: str | None = typer.Option(None, help="system prompt"),
     max_tokens: int = typer.Option(512),
     temperature: float = typer.Option(0.7),
     top_p: float = typer.Option(0.9),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    kv_cache_memory: str = typer.Option("1GiB"),
 ) -> None:
     """Chat interactively; replies stream as they are generated. Ctrl-D or /exit to leave."""
     from ember import SamplingParams
 
-    engine = _engine(model, device, dtype, kv_cache_memory)
+    config = build_spec(settings).engine
+    engine = _engine(config)
     messages = [{"role": "system", "content": system}] if system else []
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-    typer.secho(f"chatting with {model} (/exit to leave, /reset to forget)", fg="cyan", err=True)
+    typer.secho(f"chatting with {config.model} (/exit to leave, /reset to forget)", fg="cyan", err=True)
     while True:
         try:
             line = input("> ")
@@ -117,91 +118,26 @@ def chat(
 
 
 @app.command()
+@schema_command("engine", "server")
 def serve(
-    model: str = ModelOpt,
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8000),
-    served_model_name: str | None = typer.Option(None, help="the name clients use (default: --model)"),
-    api_key: list[str] = typer.Option([], help="accepted API key (repeatable); none: the API is open"),
-    cache_namespace: list[str] = typer.Option(
-        [],
-        help="NAME=KEY1,KEY2: these API keys share one prefix-cache namespace (repeatable); "
-        "every other key has its own",
+    settings: dict[str, Any],
+    config: str | None = typer.Option(
+        None, "--config", help="a DeploymentSpec file (YAML or JSON); flags given here override its values"
     ),
-    no_prefix_cache: bool = typer.Option(False, "--no-prefix-cache", help="turn prefix caching off"),
-    lora: list[str] = typer.Option(
-        [], help="NAME=PATH: a PEFT LoRA adapter to serve as model NAME (repeatable)"
+    print_config: bool = typer.Option(
+        False, "--print-config", help="print the YAML spec this would run and exit, loading no model"
     ),
-    admin_key: str | None = typer.Option(
-        None, help="key for /v1/adapters (runtime adapter loading); implies LoRA"
-    ),
-    enable_lora: bool = typer.Option(False, "--enable-lora", help="serve LoRA adapters (implied by --lora)"),
-    max_loras: int = typer.Option(8, help="adapter slots in memory; more adapters wait in host memory"),
-    max_lora_rank: int = typer.Option(64, help="the largest LoRA rank accepted"),
-    max_queue: int = typer.Option(256, help="requests that may wait beyond max-num-seqs; past it, 429"),
-    shutdown_timeout: float = typer.Option(30.0, help="seconds a SIGTERM drain waits for requests in flight"),
-    embedding_model: str = typer.Option("all-minilm-l6-v2", help="served at /v1/embeddings; 'none' to skip"),
-    engine_mode: str = typer.Option(
-        "process", help="where the engine core steps: process (measured faster) or thread"
-    ),
-    log_level: str = typer.Option("info", help="debug, info, warning or error"),
-    device: str = typer.Option("cpu"),
-    dtype: str = typer.Option("float32"),
-    quantization: str = typer.Option(
-        "none",
-        help="q4_1 or q8_0: GGUF block formats on ember's AVX2 kernels (float32, the fastest on CPUs "
-        "without AVX-512); int4: 4-bit weights with --dtype bfloat16; int8: any dtype (CPU)",
-    ),
-    kv_cache_memory: str = typer.Option("2GiB", help="memory budget for the KV block pool"),
-    max_num_seqs: int = typer.Option(128, help="cap on running sequences"),
-    max_num_batched_tokens: int = typer.Option(2048, help="token budget per engine step"),
-    speculative: str = typer.Option(
-        "none", help="speculative decoding: ngram (prompt lookup), draft:MODEL (a smaller model) or none"
-    ),
-    num_speculative_tokens: int = typer.Option(4, help="the most tokens proposed per sequence per step"),
-    draft_num_layers: int | None = typer.Option(None, help="keep only the draft model's first N layers"),
 ) -> None:
     """Serve the OpenAI-compatible API."""
-    from ember import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
-    from ember.config import LoRAConfig
-    from ember.server.run import ServeOptions
+    spec = build_spec(settings, config)
+    if print_config:
+        sys.stdout.write(spec.dump())
+        return
     from ember.server.run import serve as run_server
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=spec.server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        config = EngineConfig(
-            model=model,
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            cache=CacheConfig(kv_cache_memory=kv_cache_memory, enable_prefix_caching=not no_prefix_cache),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
-            ),
-            lora=LoRAConfig(
-                enabled=enable_lora or bool(lora) or admin_key is not None,
-                max_loras=max_loras,
-                max_rank=max_lora_rank,
-            ),
-            speculative=SpeculativeConfig.parse(
-                speculative, num_speculative_tokens=num_speculative_tokens, draft_num_layers=draft_num_layers
-            ),
-        )
-        options = ServeOptions(
-            loras=ServeOptions.parse_loras(lora),
-            admin_key=admin_key,
-            host=host,
-            port=port,
-            model_name=served_model_name or model,
-            api_keys=api_key,
-            cache_namespaces=ServeOptions.parse_namespaces(cache_namespace),
-            max_queue=max_queue,
-            shutdown_timeout=shutdown_timeout,
-            embedding_model=None if embedding_model.lower() == "none" else embedding_model,
-            engine_mode=engine_mode,
-            log_level=log_level,
-        )
-        code = run_server(config, options)
+        code = run_server(spec.engine, spec.server)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
@@ -209,18 +145,22 @@ def serve(
 
 
 @bench_app.command("offline")
+@schema_command("engine", multiple=("dtype",))
 def bench_offline(
-    model: str = ModelOpt,
+    settings: dict[str, Any],
     num_prompts: int = typer.Option(64, help="chat prompts for ember (one batch)"),
     max_tokens: int = typer.Option(128, help="new tokens per prompt (EOS ignored)"),
     hf_prompts: int = typer.Option(8, help="prompts HF transformers generates one at a time (0: skip HF)"),
-    dtype: list[str] = typer.Option(["float32"], help="ember weight dtype (repeatable: one run each)"),
     out: str | None = typer.Option(None, help="write the results as JSON here"),
 ) -> None:
-    """ember batched vs HF transformers `generate` one prompt at a time: output tokens/s and the ratio."""
+    """ember batched vs HF transformers `generate` one prompt at a time: output tokens/s and the ratio.
+    --dtype is repeatable: one ember run each."""
     from ember.bench.offline import run_offline
 
-    run_offline(model, num_prompts, max_tokens, hf_prompts, out, dtype)
+    dtypes = settings.pop("dtype", None) or [DeploymentSpec().engine.dtype]
+    specs = [build_spec({**settings, "dtype": d}) for d in dtypes]  # refuse a bad value before any run
+    engine_kwargs = {k: v for k, v in settings.items() if k != "model"}
+    run_offline(specs[0].model, num_prompts, max_tokens, hf_prompts, out, dtypes, engine_kwargs)
 
 
 @bench_app.command("serve")

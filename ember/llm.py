@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ember.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig
+from ember.config import engine_config
 from ember.engine.llm_engine import LLMEngine
 from ember.models.catalog import DEFAULT_MODEL
 from ember.outputs import RequestOutput
@@ -17,36 +17,14 @@ Prompt = str | list[int]
 
 
 class LLM:
-    """Keyword arguments are EngineConfig fields plus the cache and scheduler fields, flat:
-    device, dtype, quantization, max_model_len, seed, block_size, kv_cache_memory, num_blocks,
-    enable_prefix_caching, max_num_seqs, max_num_batched_tokens, enable_lora, max_loras, max_lora_rank;
-    and `speculative` ("ngram", "draft:MODEL" or a SpeculativeConfig) with num_speculative_tokens and
-    draft_num_layers."""
+    """Keyword arguments are the engine's settings, flat, by the names of the `ember` CLI's flags with
+    underscores (`ember.config.engine_kwargs()` lists them): device, dtype, quantization, max_model_len,
+    seed, chat_template, block_size, kv_cache_memory, num_blocks, enable_prefix_caching, max_num_seqs,
+    max_num_batched_tokens, enable_lora, max_loras, max_lora_rank, speculative ("ngram", "draft:MODEL" or
+    a SpeculativeConfig), num_speculative_tokens, draft_num_layers, ... An unknown one raises TypeError."""
 
     def __init__(self, model: str = DEFAULT_MODEL, **kwargs: Any):
-        cache_keys = ("block_size", "kv_cache_memory", "num_blocks", "enable_prefix_caching")
-        cache = {k: kwargs.pop(k) for k in cache_keys if k in kwargs}
-        sched = {k: kwargs.pop(k) for k in ("max_num_seqs", "max_num_batched_tokens") if k in kwargs}
-        lora_keys = {"enable_lora": "enabled", "max_loras": "max_loras", "max_lora_rank": "max_rank"}
-        lora = {field: kwargs.pop(k) for k, field in lora_keys.items() if k in kwargs}
-        spec = kwargs.pop("speculative", None)
-        spec_kwargs = {
-            k: kwargs.pop(k) for k in ("num_speculative_tokens", "draft_num_layers") if k in kwargs
-        }
-        if isinstance(spec, SpeculativeConfig):
-            if spec_kwargs:
-                raise ValueError(f"pass {', '.join(spec_kwargs)} inside the SpeculativeConfig")
-        else:
-            spec = SpeculativeConfig.parse(spec, **spec_kwargs)
-        config = EngineConfig(
-            model=model,
-            cache=CacheConfig(**cache),
-            scheduler=SchedulerConfig(**sched),
-            lora=LoRAConfig(**lora),
-            speculative=spec,
-            **kwargs,
-        )
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine(engine_config(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
 
     def add_lora(self, name: str, path: str) -> None:

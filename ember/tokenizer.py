@@ -16,8 +16,9 @@ class Tokenizer:
         self.name = name
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` / `tokenizer_config.json` (and a chat template, if any) from `path`."""
+    def from_dir(cls, path: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """Load `tokenizer.json` / `tokenizer_config.json` (and a chat template, if any) from `path`.
+        `chat_template` (a Jinja file, or the template text) replaces the model's own template."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(
@@ -27,6 +28,8 @@ class Tokenizer:
         hf = AutoTokenizer.from_pretrained(str(path))
         # ember checks lengths against the engine's context itself; transformers' warning would be noise.
         hf.model_max_length = 2**62
+        if chat_template is not None:
+            hf.chat_template = read_chat_template(chat_template)
         return cls(hf, name=path.name)
 
     @property
@@ -96,3 +99,16 @@ class Tokenizer:
             messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
         )
         return self.encode(text, add_special_tokens=False)
+
+
+def read_chat_template(value: str) -> str:
+    """A path to a Jinja file -> its text; text that is a template already (it has Jinja tags) -> itself."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"chat template '{value}' is neither a file nor a Jinja template; pass a path to a .jinja file "
+            "or the template text"
+        )
+    return path.read_text()

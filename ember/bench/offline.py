@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -67,8 +68,10 @@ def chat_prompts(n: int) -> list[list[dict[str, str]]]:
     ]
 
 
-def _run_ember(model: str, dtype: str, num_prompts: int, max_tokens: int) -> tuple[dict, list[list[int]]]:
-    llm = LLM(model=model, dtype=dtype)
+def _run_ember(
+    model: str, dtype: str, num_prompts: int, max_tokens: int, engine_kwargs: dict[str, Any]
+) -> tuple[dict, list[list[int]]]:
+    llm = LLM(model=model, dtype=dtype, **engine_kwargs)
     prompts = [llm.tokenizer.apply_chat_template(m) for m in chat_prompts(num_prompts)]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4))  # warm-up
@@ -85,12 +88,19 @@ def _run_ember(model: str, dtype: str, num_prompts: int, max_tokens: int) -> tup
 
 
 def run_offline(
-    model: str, num_prompts: int, max_tokens: int, hf_prompts: int, out: str | None, dtypes: list[str]
+    model: str,
+    num_prompts: int,
+    max_tokens: int,
+    hf_prompts: int,
+    out: str | None,
+    dtypes: list[str],
+    engine_kwargs: dict[str, Any] | None = None,
 ) -> dict:
+    """`engine_kwargs`: more LLM(**kw) settings for every ember run (quantization, kv_cache_memory...)."""
     console = Console(width=120)
     runs = []
     for dtype in dtypes:
-        run, prompts = _run_ember(model, dtype, num_prompts, max_tokens)
+        run, prompts = _run_ember(model, dtype, num_prompts, max_tokens, engine_kwargs or {})
         runs.append(run)
     report = {
         "model": model,

@@ -11,11 +11,10 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
 
 import uvicorn
 
-from ember.config import EngineConfig
+from ember.config import EngineConfig, ServerConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.client import EngineState
 from ember.server.app import ServerState, create_app
@@ -23,64 +22,9 @@ from ember.server.app import ServerState, create_app
 log = logging.getLogger("ember.serve")
 
 
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: str | None = None  # what clients call it; default: the --model value
-    api_keys: list[str] = field(default_factory=list)
-    # Prefix-cache namespaces shared by several keys: name -> keys (every other key is its own).
-    cache_namespaces: dict[str, list[str]] = field(default_factory=dict)
-    loras: dict[str, str] = field(default_factory=dict)  # adapters loaded at start: name -> path
-    admin_key: str | None = None  # guards runtime adapter management (/v1/adapters)
-    max_queue: int = 256
-    shutdown_timeout: float = 30.0
-    embedding_model: str | None = "all-minilm-l6-v2"
-    engine_mode: str = "process"
-    log_level: str = "info"
-
-    def __post_init__(self) -> None:
-        if self.max_queue < 0:
-            raise ValueError(f"--max-queue must be >= 0 (got {self.max_queue})")
-        if self.shutdown_timeout < 0:
-            raise ValueError(f"--shutdown-timeout must be >= 0 seconds (got {self.shutdown_timeout})")
-        if any(not k.strip() for k in self.api_keys):
-            raise ValueError("--api-key must not be empty")
-        if self.admin_key is not None and (not self.admin_key.strip() or self.admin_key in self.api_keys):
-            raise ValueError("--admin-key must be non-empty and differ from every --api-key")
-        seen: dict[str, str] = {}
-        for name, keys in self.cache_namespaces.items():
-            for key in keys:
-                if key not in self.api_keys:
-                    raise ValueError(f"--cache-namespace {name}: '{key}' is not one of the --api-key values")
-                if key in seen:
-                    raise ValueError(f"--cache-namespace: key '{key}' is in both {seen[key]} and {name}")
-                seen[key] = name
-
-    @staticmethod
-    def parse_loras(specs: list[str]) -> dict[str, str]:
-        """['name=path', ...] -> {'name': 'path'}"""
-        out: dict[str, str] = {}
-        for spec in specs:
-            name, sep, path = spec.partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ValueError(f"--lora takes NAME=PATH (got '{spec}')")
-            if name.strip() in out:
-                raise ValueError(f"--lora: '{name.strip()}' is given twice")
-            out[name.strip()] = path.strip()
-        return out
-
-    @staticmethod
-    def parse_namespaces(specs: list[str]) -> dict[str, list[str]]:
-        """['team-a=key1,key2', ...] -> {'team-a': ['key1', 'key2']}"""
-        out: dict[str, list[str]] = {}
-        for spec in specs:
-            name, sep, keys = spec.partition("=")
-            listed = [k.strip() for k in keys.split(",") if k.strip()]
-            if not sep or not name.strip() or not listed:
-                raise ValueError(f"--cache-namespace takes NAME=KEY1,KEY2,... (got '{spec}')")
-            out.setdefault(name.strip(), []).extend(listed)
-        return out
+# The server's settings are declared with the rest of the schema (ember.config.server); ServeOptions is
+# the name this module's callers have always imported.
+ServeOptions = ServerConfig
 
 
 class DrainingServer(uvicorn.Server):
@@ -151,7 +95,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(config: EngineConfig, options: ServeOptions) -> int:
+def serve(config: EngineConfig, options: ServerConfig) -> int:
     """Run until drained; the exit code: 0 after a clean drain, 1 if the engine failed."""
     engine = AsyncEngine(config, mode=options.engine_mode, max_queue=options.max_queue, wait_ready=False)
     embedder = None
@@ -159,8 +103,10 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         from ember.embeddings import EmbeddingModel
 
         embedder = EmbeddingModel.load(options.embedding_model)
-    if (options.model_name or config.model) in options.loras:
-        raise ValueError(f"--lora: '{options.model_name or config.model}' is the base model's own name")
+    if (options.served_model_name or config.model) in options.loras:
+        raise ValueError(
+            f"--lora: '{options.served_model_name or config.model}' is the base model's own name"
+        )
     shared = {key: name for name, keys in options.cache_namespaces.items() for key in keys}
     state = ServerState(
         api_keys=list(options.api_keys),
@@ -169,7 +115,7 @@ def serve(config: EngineConfig, options: ServeOptions) -> int:
         loading_adapters=bool(options.loras),
         admin_key=options.admin_key,
     )
-    app = create_app(engine, options.model_name or config.model, state)
+    app = create_app(engine, options.served_model_name or config.model, state)
     if not options.api_keys:
         log.warning(
             "no --api-key given: the API is open to anyone who can reach %s:%d", options.host, options.port
