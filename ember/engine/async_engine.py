@@ -110,7 +110,7 @@ class AsyncEngine:
         path = resolve_model(config.model)  # converts a GGUF once, here, before the core starts
         self.config = dataclasses.replace(config, model=str(path))
         self.mode = mode
-        self.tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = Tokenizer.from_dir(path, chat_template=config.chat_template)
         self.metrics = EngineMetrics()
         self.max_pending = None if max_queue is None else config.scheduler.max_num_seqs + max_queue
         self.info: EngineInfo | None = None

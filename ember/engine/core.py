@@ -49,7 +49,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         self.config = config
         path = resolve_model(config.model)
-        self.tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = Tokenizer.from_dir(path, chat_template=config.chat_template)
         self.device = torch.device(config.device)
         self.model_config = ModelConfig.from_dir(path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
