@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ember.config import EngineConfig
+from ember.config import EngineConfig, ServerConfig
 from ember.engine.client import (
     EngineDeadError,
     EngineNotReadyError,
@@ -87,7 +87,8 @@ class _Tracked:
 
 
 class AsyncEngine:
-    """`mode="thread"` runs the core on a thread of this process, `"process"` in a process of its own.
+    """`mode="thread"` runs the core on a thread of this process, `"process"` in a process of its own
+    (None: ServerConfig's engine_mode, the one default `ember serve` uses too).
 
     `max_queue` bounds the requests waiting beyond the `max_num_seqs` the engine runs at once (an n > 1
     request counts n); past it `generate()` raises EngineOverloadedError. `wait_ready=False` returns while
@@ -98,11 +99,12 @@ class AsyncEngine:
         self,
         config: EngineConfig | None = None,
         *,
-        mode: str = "thread",
+        mode: str | None = None,
         max_queue: int | None = None,
         wait_ready: bool = True,
     ):
         config = config or EngineConfig()
+        mode = mode or ServerConfig.engine_mode
         if mode not in ("thread", "process"):
             raise ValueError(f"mode must be 'thread' or 'process' (got '{mode}')")
         if max_queue is not None and max_queue < 0:
