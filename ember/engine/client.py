@@ -7,12 +7,11 @@ other transport (a remote replica) implements the same.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from ember.engine.messages import CoreStats, EngineInfo
 from ember.outputs import RequestOutput
-from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
 
 
@@ -58,16 +57,9 @@ class EngineClient(Protocol):
 
     async def wait_ready(self) -> None: ...
 
-    def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        *,
-        cache_salt: bytes | None = None,
-        max_cached_tokens: int | None = None,
-        lora: str | None = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+    # generate(prompt, params=None, request_id=None, *, cache_salt=None, max_cached_tokens=None, lora=None):
+    # the request's outputs as they grow (see AsyncEngine.generate).
+    generate: Callable[..., AsyncIterator[RequestOutput]]
 
     def abort(self, request_id: str) -> None: ...
 

@@ -13,21 +13,8 @@ import queue
 import signal
 
 from ember.config import EngineConfig
+from ember.engine import messages as msg
 from ember.engine.core import EngineCore
-from ember.engine.messages import (
-    Abort,
-    Added,
-    AddLoRA,
-    AddRequest,
-    CoreStats,
-    Dead,
-    ErrorKind,
-    FinishSample,
-    LoRADone,
-    RemoveLoRA,
-    Shutdown,
-    Step,
-)
 from ember.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -48,7 +35,7 @@ def run_core(config: EngineConfig, inbox, outbox) -> None:
     try:
         engine = EngineCore(config)
     except BaseException as exc:
-        outbox.put(Dead(f"the engine failed to start: {exc}"))
+        outbox.put(msg.Dead(f"the engine failed to start: {exc}"))
         return
     outbox.put(engine.info)
     engine.grammars  # noqa: B018 -- starts wrapping the vocabulary for structured outputs, off this thread
@@ -56,21 +43,21 @@ def run_core(config: EngineConfig, inbox, outbox) -> None:
         CoreLoop(engine, outbox).run(inbox)
     except BaseException as exc:  # report, so every waiting caller hears why
         log.exception("the engine core failed")
-        outbox.put(Dead(f"the engine failed: {exc!r}"))
+        outbox.put(msg.Dead(f"the engine failed: {exc!r}"))
 
 
 class CoreLoop:
     def __init__(self, engine: EngineCore, outbox):
         self.engine = engine
         self.outbox = outbox
-        self._last_stats: CoreStats | None = None
+        self._last_stats: msg.CoreStats | None = None
 
     def run(self, inbox) -> None:
         engine = self.engine
         while True:
             for cmd in self._commands(inbox, block=not engine.has_unfinished_requests()):
-                if isinstance(cmd, Shutdown):
-                    self.outbox.put(Dead("the engine was shut down", shutdown=True))
+                if isinstance(cmd, msg.Shutdown):
+                    self.outbox.put(msg.Dead("the engine was shut down", shutdown=True))
                     return
                 self._handle(cmd)
             for request, error in engine.poll_grammars():
@@ -81,7 +68,7 @@ class CoreLoop:
                 engine.wait_for_grammars(_GRAMMAR_POLL_S)
             stats = engine.stats()
             if updates or stats != self._last_stats:
-                self.outbox.put(Step(updates, stats))
+                self.outbox.put(msg.Step(updates, stats))
                 self._last_stats = stats
 
     def _commands(self, inbox, block: bool) -> list:
@@ -92,7 +79,7 @@ class CoreLoop:
             except queue.Empty:
                 parent = multiprocessing.parent_process()
                 if parent is not None and not parent.is_alive():
-                    return [Shutdown()]  # orphaned: nobody will read what we produce
+                    return [msg.Shutdown()]  # orphaned: nobody will read what we produce
                 return []
         while True:
             try:
@@ -102,7 +89,7 @@ class CoreLoop:
 
     def _handle(self, cmd) -> None:
         engine = self.engine
-        if isinstance(cmd, AddRequest):
+        if isinstance(cmd, msg.AddRequest):
             try:
                 request = engine.add_request(
                     cmd.prompt_ids,
@@ -118,36 +105,36 @@ class CoreLoop:
                 return
             if not request.grammar_pending:  # else answered once its grammar compiles (or is refused)
                 self._added(cmd.request_id, None)
-        elif isinstance(cmd, Abort):
+        elif isinstance(cmd, msg.Abort):
             update = engine.abort_request(cmd.request_id)
             if update is not None:
-                self.outbox.put(Step([update], engine.stats()))
-        elif isinstance(cmd, FinishSample):
+                self.outbox.put(msg.Step([update], engine.stats()))
+        elif isinstance(cmd, msg.FinishSample):
             engine.finish_sequence(cmd.request_id, cmd.index, cmd.stop_reason)
-        elif isinstance(cmd, AddLoRA):
+        elif isinstance(cmd, msg.AddLoRA):
             try:
                 engine.add_lora(cmd.name, cmd.path)
-                self.outbox.put(LoRADone(cmd.name, None))
+                self.outbox.put(msg.LoRADone(cmd.name, None))
             except ValueError as exc:  # AdapterError, InvalidRequest: the adapter or the request is bad
-                self.outbox.put(LoRADone(cmd.name, str(exc), ErrorKind.INVALID))
+                self.outbox.put(msg.LoRADone(cmd.name, str(exc), msg.ErrorKind.INVALID))
             except Exception as exc:  # a file no check foresaw must not take the engine down
                 log.exception("loading adapter '%s' failed", cmd.name)
                 why = f"adapter '{cmd.name}' could not be loaded: {exc!r}"
-                self.outbox.put(LoRADone(cmd.name, why, ErrorKind.INVALID))
-        elif isinstance(cmd, RemoveLoRA):
+                self.outbox.put(msg.LoRADone(cmd.name, why, msg.ErrorKind.INVALID))
+        elif isinstance(cmd, msg.RemoveLoRA):
             try:
                 engine.remove_lora(cmd.name)
-                self.outbox.put(LoRADone(cmd.name, None))
+                self.outbox.put(msg.LoRADone(cmd.name, None))
             except KeyError:
                 why = f"no LoRA adapter named '{cmd.name}' is loaded"
-                self.outbox.put(LoRADone(cmd.name, why, ErrorKind.NOT_FOUND))
+                self.outbox.put(msg.LoRADone(cmd.name, why, msg.ErrorKind.NOT_FOUND))
             except ValueError as exc:
-                self.outbox.put(LoRADone(cmd.name, str(exc), ErrorKind.CONFLICT))
+                self.outbox.put(msg.LoRADone(cmd.name, str(exc), msg.ErrorKind.CONFLICT))
 
     def _added(self, request_id: str, error: ValueError | None) -> None:
         if error is None:
-            self.outbox.put(Added(request_id, None))
+            self.outbox.put(msg.Added(request_id, None))
         elif isinstance(error, InvalidRequest):
-            self.outbox.put(Added(request_id, (str(error), error.param, error.code)))
+            self.outbox.put(msg.Added(request_id, (str(error), error.param, error.code)))
         else:
-            self.outbox.put(Added(request_id, (str(error), None, None)))
+            self.outbox.put(msg.Added(request_id, (str(error), None, None)))

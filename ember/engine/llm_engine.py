@@ -27,50 +27,16 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.core.eos_token_ids)
         self._states: dict[str, RequestState] = {}
 
-    # The core's parts, for callers that inspect the engine (tests, benchmarks).
-    @property
-    def model(self):
-        return self.core.model
+    # The core's parts, for callers that inspect the engine (tests, benchmarks): read through.
+    _CORE_PARTS = frozenset(
+        ("model", "model_config", "runner", "kv", "scheduler", "lora", "speculator", "grammars")
+        + ("max_model_len", "eos_token_ids", "last_step_idle")
+    )
 
-    @property
-    def model_config(self):
-        return self.core.model_config
-
-    @property
-    def runner(self):
-        return self.core.runner
-
-    @property
-    def kv(self):
-        return self.core.kv
-
-    @property
-    def scheduler(self):
-        return self.core.scheduler
-
-    @property
-    def lora(self):
-        return self.core.lora
-
-    @property
-    def speculator(self):
-        return self.core.speculator
-
-    @property
-    def grammars(self):
-        return self.core.grammars
-
-    @property
-    def max_model_len(self) -> int:
-        return self.core.max_model_len
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        return self.core.eos_token_ids
-
-    @property
-    def last_step_idle(self) -> bool:
-        return self.core.last_step_idle
+    def __getattr__(self, name: str):
+        if name in LLMEngine._CORE_PARTS:
+            return getattr(self.core, name)
+        raise AttributeError(f"'LLMEngine' object has no attribute '{name}'")
 
     # -- requests -----------------------------------------------------------------------------------
 
