@@ -31,7 +31,7 @@ def per_call_us(fn, reps: int) -> float:
 
 def step_ms(runner, n: int, reps: int = 10) -> float:
     tokens, table = list(range(1000, 1300)), list(range(20))
-    work = [(tokens, 250, n, table)]  # n new tokens after 250 in the cache
+    work = [(tokens[250 : 250 + n], 250, n, table)]  # n new tokens after 250 in the cache
     return per_call_us(lambda: runner.execute(work, [0], None, [n]), reps) / 1e3
 
 

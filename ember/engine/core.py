@@ -488,20 +488,11 @@ class StepPlan:
         items = []
         for seq, n in num_scheduled.items():
             prop = proposals.get(seq)
+            start = seq.num_computed_tokens
             if prop is None:  # what it had pending
-                work = Work(
-                    seq.token_ids,
-                    seq.num_computed_tokens,
-                    min(n, seq.num_tokens - seq.num_computed_tokens),
-                    seq.block_table,
-                )
+                work = Work.of(seq.token_ids, start, min(n, seq.num_tokens - start), seq.block_table)
             else:  # the pending token and the proposals, scored in the same pass
-                work = Work(
-                    seq.token_ids + prop.tokens,
-                    seq.num_computed_tokens,
-                    1 + len(prop.tokens),
-                    seq.block_table,
-                )
+                work = Work(seq.token_ids[start:] + prop.tokens, start, 1 + len(prop.tokens), seq.block_table)
             items.append((seq, work))
         items = [items[i] for i in decodes_first([w for _, w in items])]
         plan = cls(

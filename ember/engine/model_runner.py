@@ -52,7 +52,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run one step.
 
-        work: per sequence (token_ids, num_computed_tokens, num_new_tokens, block_table), decodes first.
+        work: per sequence (new_token_ids, num_computed_tokens, num_new_tokens, block_table), decodes
+        first (ember.engine.work): the tokens computed now, not the sequence's history.
         sample_rows: indices into `work` of the sequences whose last new token is to be sampled from.
         lora_slots: per sequence, the adapter slot its tokens run with (None: the base model).
         num_logits: per sample row, how many of its last new tokens want logits (default 1; speculative
@@ -77,7 +78,7 @@ class ModelRunner:
             else:
                 table_t = torch.tensor(table, device=self.device)
                 prefills.append(PrefillChunk(len(ids), n, ctx, table_t, window))
-            ids.extend(tokens[start:ctx])
+            ids.extend(tokens)
             positions.extend(range(start, ctx))
             last_token_of.append(len(ids) - 1)
         pos = torch.tensor(positions, device=self.device)

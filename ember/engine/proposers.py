@@ -107,7 +107,7 @@ class DraftProposer:
             start = seq.num_draft_computed
             n = min(seq.num_tokens - start, _CATCH_UP_TOKENS)
             done = start + n == seq.num_tokens
-            entries.append((Work(seq.token_ids, start, n, seq.block_table), done))
+            entries.append((Work.of(seq.token_ids, start, n, seq.block_table), done))
             if done:
                 first.append(i)
             else:
@@ -121,7 +121,7 @@ class DraftProposer:
             entries = []
             for i in active:
                 tokens = seqs[i].token_ids + drafted[i]
-                entries.append((Work(tokens, len(tokens) - 1, 1, seqs[i].block_table), True))
+                entries.append((Work.of(tokens, len(tokens) - 1, 1, seqs[i].block_table), True))
             self._draft(self._run(entries), active, seqs, drafted, dists)
         for seq, k in zip(seqs, ks, strict=True):
             if k:
