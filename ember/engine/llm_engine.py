@@ -522,3 +522,20 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             queue_time=None if queued is None else queued - request.arrival_time,
         )
+
+    # -- teardown -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release what the engine holds: unfinished requests are aborted, the grammar compiler's threads
+        stopped, and the model, its KV cache and any draft model let go, so a process can build engine
+        after engine (as the optimizer does) without growing. The engine serves nothing afterwards;
+        calling close again does nothing."""
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        if self._grammars is not None:
+            self._grammars.shutdown()
+            self._grammars = None
+        # The scheduler and the LoRA manager hold the model too (through the adapter slots).
+        self.model = self.runner = self.speculator = self.lora = self.scheduler = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back to the device, for the next engine
