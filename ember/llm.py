@@ -97,3 +97,23 @@ class LLM:
         finally:
             bar.close()
         return [final[rid] for rid in request_ids]
+
+    def close(self) -> None:
+        """Release the engine: its threads, the model and the KV cache. The LLM generates nothing
+        afterwards; `with LLM(...) as llm:` closes it on leaving the block."""
+        if not isinstance(self.engine, _Closed):
+            self.engine.close()
+            self.engine = _Closed()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class _Closed:
+    """Stands in for a closed LLM's engine, so that a later call says what happened."""
+
+    def __getattr__(self, name: str):
+        raise RuntimeError("this LLM was closed; make a new one to generate")

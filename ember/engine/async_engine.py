@@ -293,7 +293,8 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream, if someone reads it, ends with finish_reason "abort"."""
-        self._inbox.put(Abort(request_id))
+        if not self._stopping:  # after shutdown the core, and the queue to it, are gone
+            self._inbox.put(Abort(request_id))
 
     def abort_all(self) -> None:
         with self._lock:
@@ -302,13 +303,31 @@ class AsyncEngine:
             self.abort(rid)
 
     def shutdown(self) -> None:
+        """Stop the core and the output thread; in process mode also close the queues (their feeder
+        thread and pipes) and the process handle, so nothing is left running or open. Idempotent."""
         if not self._stopping:
             self._stopping = True
             self._inbox.put(Shutdown())
         self._reader.join(timeout=10)
-        self._core.join(timeout=10)
-        if isinstance(self._core, multiprocessing.process.BaseProcess) and self._core.is_alive():
+        if isinstance(self._core, threading.Thread):
+            self._core.join(timeout=10)
+            return
+        try:
+            self._core.join(timeout=10)
+        except ValueError:  # closed by an earlier shutdown
+            return
+        if self._core.is_alive():
             self._core.kill()
+            self._core.join(timeout=5)
+            self._inbox.cancel_join_thread()  # nobody will read what is left in the pipe
+        self._inbox.close()  # its feeder thread closes both ends of the pipe as it exits
+        self._inbox.join_thread()
+        if not self._reader.is_alive():  # else it still reads: leave the outbox to the collector
+            # This side never wrote to the outbox, so it has no feeder to close its pipe: close it here.
+            self._outbox._reader.close()
+            self._outbox._writer.close()
+        if not self._core.is_alive():
+            self._core.close()  # its sentinel fd
 
     # -- output thread --------------------------------------------------------------------------------
 

@@ -452,6 +452,23 @@ class EngineCore:
             aborted,
         )
 
+    def close(self) -> None:
+        """Release what the core holds: unfinished requests are aborted, the grammar compiler's threads
+        stopped, and the model, its KV cache and any draft model let go, so a process can build engine
+        after engine (as the optimizer does) without growing. The core serves nothing afterwards;
+        calling close again does nothing."""
+        if self.runner is None:
+            return
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        if self._grammars is not None:
+            self._grammars.shutdown()
+            self._grammars = None
+        # The scheduler and the LoRA manager hold the model too (through the adapter slots).
+        self.model = self.runner = self.speculator = self.lora = self.scheduler = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed blocks back to the device, for the next engine
+
     def stats(self) -> CoreStats:
         sched, pool, spec = self.scheduler, self.kv.pool, self.speculator
         return CoreStats(

@@ -44,6 +44,8 @@ def run_core(config: EngineConfig, inbox, outbox) -> None:
     except BaseException as exc:  # report, so every waiting caller hears why
         log.exception("the engine core failed")
         outbox.put(msg.Dead(f"the engine failed: {exc!r}"))
+    finally:
+        engine.close()  # on a thread the process lives on: leave no threads or model memory behind
 
 
 class CoreLoop:

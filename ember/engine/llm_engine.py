@@ -112,3 +112,8 @@ class LLMEngine:
 
     def remove_lora(self, name: str) -> None:
         self.core.remove_lora(name)
+
+    def close(self) -> None:
+        """Release the core (threads, model, KV cache); see EngineCore.close."""
+        self._states.clear()
+        self.core.close()

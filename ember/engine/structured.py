@@ -73,7 +73,11 @@ class GrammarCompiler:
         )
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the worker threads (a compile under way finishes first) and drop what they built."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._cache.clear()
+        self._executor = None  # llguidance's own worker threads go with it
 
 
 def _llg_tokenizer(hf_tokenizer, vocab_size: int, eos_token_ids: list[int]):
