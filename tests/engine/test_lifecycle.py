@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ember import LLM, AsyncEngine, CacheConfig, EngineConfig, SamplingParams
-from ember.engine.structured import StructuredOutputs
+from ember.structured_outputs import StructuredOutputs
 
 SCHEMA = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}}, "required": ["kind"]}
 PROMPTS = ["Tell me about rivers", "An animal as JSON: "]
