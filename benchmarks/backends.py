@@ -4,15 +4,15 @@
 
 1. Micro: one RMSNorm row [1, 576] through ember's C kernel called directly, through the backend's bound
    function (what the model calls), and through the registered custom op `torch.ops.ember.rms_norm`.
-2. Decode step: the default model, one sequence at ~256 tokens of context, float32 and q4_1, timed in a
-   fresh process per (tree, config, round), the two trees interleaved; medians per step and the ratio.
+2. Decode step: the default model, one sequence at 256 tokens of context, float32 and q4_1. Per round
+   and config, one process per tree, both loaded at once, their steps alternating one by one; the median
+   step per tree and round, then the median over rounds and the ratio.
 Prints a markdown table (the numbers in benchmarks/BACKENDS.md come from it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,7 +22,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TREE = HERE.parent
-sys.path.insert(0, str(TREE))  # the micro-benchmark imports this tree's ember
 
 
 def cpu_name() -> str:
@@ -34,6 +33,7 @@ def cpu_name() -> str:
 
 def micro(calls: int = 20000, rounds: int = 7) -> dict[str, float]:
     """us per call, median over rounds."""
+    sys.path.insert(0, str(TREE))  # this tree's ember (only here: the workers import theirs by PYTHONPATH)
     import torch
 
     from ember.backends import CPU
@@ -55,30 +55,77 @@ def micro(calls: int = 20000, rounds: int = 7) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def worker(quantization: str | None, context: int, steps: int, warmup: int) -> None:
-    """Prefill `context` tokens, then time `steps` single-sequence decode steps; prints JSON (ms)."""
+def worker(quantization: str | None, context: int) -> None:
+    """Prefill `context` tokens, then on each stdin line run one decode step of the sequence's next token
+    (always the same position, so every step does the same work) and print its time in ms."""
     from ember import LLM
 
     llm = LLM(model="smollm2-135m-instruct", quantization=quantization, kv_cache_memory="64MiB")
     runner = llm.engine.runner
-    tokens = [(7 * i + 11) % 40000 + 100 for i in range(context)]
-    table = list(range((context + warmup + steps) // runner.block_size + 1))
+    tokens = [(7 * i + 11) % 40000 + 100 for i in range(context + 1)]
+    table = list(range(context // runner.block_size + 1))
     runner.execute([(tokens, 0, context, table)], [0])
-    times = []
-    for i in range(warmup + steps):
-        tokens.append(1000 + i)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "count":  # Python and C calls of one step: a noise-free measure of overhead
+            counts = {"call": 0, "c_call": 0}
+
+            def profile(frame, event, arg, counts=counts):
+                if event in counts:
+                    counts[event] += 1
+
+            sys.setprofile(profile)
+            runner.execute([(tokens, context, 1, table)], [0])
+            sys.setprofile(None)
+            print(f"{counts['call']} {counts['c_call']}", flush=True)
+            continue
         t0 = time.perf_counter()
-        runner.execute([(tokens, len(tokens) - 1, 1, table)], [0])
-        times.append((time.perf_counter() - t0) * 1e3)
-    print(json.dumps({"median_ms": statistics.median(times[warmup:])}))
+        runner.execute([(tokens, context, 1, table)], [0])
+        print(f"{(time.perf_counter() - t0) * 1e3:.4f}", flush=True)
 
 
-def run_worker(tree: Path, quantization: str | None, args) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, str(HERE / "backends.py"), "--worker", "--quantization", quantization or "none"]
-    cmd += ["--context", str(args.context), "--steps", str(args.steps)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=tree).stdout
-    return json.loads(out.strip().splitlines()[-1])["median_ms"]
+def paired_steps(trees: dict[str, Path], quantization: str | None, args) -> dict[str, list[float]]:
+    """One worker per tree, both loaded at once; their steps alternate one by one (the order flipping
+    every pair), so load from other processes on this shared machine falls on both alike."""
+    procs = {}
+    for label, tree in trees.items():
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        cmd = [
+            sys.executable,
+            str(HERE / "backends.py"),
+            "--worker",
+            "--quantization",
+            quantization or "none",
+        ]
+        cmd += ["--context", str(args.context)]
+        procs[label] = subprocess.Popen(
+            cmd, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+    for p in procs.values():
+        while p.stdout.readline().strip() != "ready":
+            pass
+    times: dict[str, list[float]] = {label: [] for label in procs}
+    labels = list(procs)
+    if args.count_calls:
+        for label, p in procs.items():
+            p.stdin.write("step\ncount\n")  # counted after one warm step
+            p.stdin.flush()
+            p.stdout.readline()
+            calls, c_calls = p.stdout.readline().split()
+            print(f"{quantization or 'float32'} {label}: {calls} Python calls, {c_calls} C calls per step")
+        args.steps = args.warmup = 0
+    for i in range(args.warmup + args.steps):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            p = procs[label]
+            p.stdin.write("step\n")
+            p.stdin.flush()
+            ms = float(p.stdout.readline())
+            if i >= args.warmup:
+                times[label].append(ms)
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    return times
 
 
 def main() -> None:
@@ -86,33 +133,46 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=Path("/work/base"), help="the tree to compare against")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--context", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per tree and round")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--count-calls", action="store_true", help="count calls per step instead of timing")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quantization", default="none", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(None if args.quantization == "none" else args.quantization, args.context, args.steps, 8)
+        worker(None if args.quantization == "none" else args.quantization, args.context)
+        return
+    if args.count_calls:
+        for quant in (None, "q4_1"):
+            paired_steps({"before": args.base, "after": TREE}, quant, args)
         return
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores\n")
     print("| call (RMSNorm [1, 576]) | us per call |\n| --- | ---: |")
     for name, us in micro().items():
         print(f"| {name} | {us:.2f} |")
-    results: dict[tuple[str, str], list[float]] = {}
+    trees = {"before": args.base, "after": TREE}
+    medians: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
         for quant in (None, "q4_1"):
-            for label, tree in (("before", args.base), ("after", TREE)):  # interleaved
-                ms = run_worker(tree, quant, args)
-                results.setdefault((quant or "float32", label), []).append(ms)
-                print(f"round {r} {quant or 'float32'} {label}: {ms:.2f} ms", file=sys.stderr)
-    print("\n| decode step, 1 sequence, context 256 | before (main) ms | after ms | after / before |")
+            times = paired_steps(trees, quant, args)
+            for label, t in times.items():
+                medians.setdefault((quant or "float32", label), []).append(statistics.median(t))
+            b, a = (statistics.median(times[k]) for k in ("before", "after"))
+            print(f"round {r} {quant or 'float32'}: before {b:.2f} ms, after {a:.2f} ms", file=sys.stderr)
+    print(
+        f"\n| decode step, 1 sequence, context {args.context} | before (main) ms | after ms | after / before |"
+    )
     print("| --- | ---: | ---: | ---: |")
     for quant in ("float32", "q4_1"):
-        b = statistics.median(results[(quant, "before")])
-        a = statistics.median(results[(quant, "after")])
+        b = statistics.median(medians[(quant, "before")])
+        a = statistics.median(medians[(quant, "after")])
         print(f"| {quant} | {b:.2f} | {a:.2f} | {a / b:.3f} |")
     for quant in ("float32", "q4_1"):
-        pairs = zip(results[(quant, "before")], results[(quant, "after")], strict=True)
-        print(f"\n{quant} rounds, before/after ms: " + ", ".join(f"{x:.2f}/{y:.2f}" for x, y in pairs))
+        pairs = zip(medians[(quant, "before")], medians[(quant, "after")], strict=True)
+        print(
+            f"\n{quant}, per-round medians before/after ms: "
+            + ", ".join(f"{x:.2f}/{y:.2f}" for x, y in pairs)
+        )
 
 
 if __name__ == "__main__":

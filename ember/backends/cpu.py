@@ -14,18 +14,6 @@ from ember.kernels import cpu as kernels
 from ember.models.attention import AttentionMetadata
 
 
-def rope_write_kv(
-    qkv: torch.Tensor,  # [T, (Hq + 2 * Hkv) * D]
-    cos: torch.Tensor,  # [T, D]
-    sin: torch.Tensor,
-    slots: torch.Tensor,  # [T]
-    k_cache: torch.Tensor,  # [Hkv, num_blocks, block_size, D]
-    v_cache: torch.Tensor,
-    num_heads: int,
-) -> torch.Tensor:
-    return kernels.rope_write_kv(qkv.contiguous(), cos, sin, slots, k_cache, v_cache, num_heads)
-
-
 def decode_attention(
     q: torch.Tensor,  # [B, Hq, D]
     k_cache: torch.Tensor,
@@ -55,7 +43,7 @@ def block_linear(
 class CpuBackend(Backend):
     name = "cpu"
     rms_norm = staticmethod(kernels.rms_norm)  # the kernel itself: nothing between the module and C
-    rope_write_kv = staticmethod(rope_write_kv)
+    rope_write_kv = staticmethod(kernels.rope_write_kv)  # qkv: a projection's output, unit column stride
     decode_attention = staticmethod(decode_attention)
     block_linear = staticmethod(block_linear)
 
