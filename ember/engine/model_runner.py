@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ember.backends import REFERENCE, Backend, select_backend
 from ember.models.attention import AttentionMetadata, PrefillChunk
 from ember.models.llama import LlamaForCausalLM
 from ember.models.lora import LoRABatch
@@ -21,26 +22,21 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         dtype = next(model.parameters()).dtype
-        shape = (cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
-        # One K and one V tensor per layer: [Hkv, num_blocks, block_size, D].
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(cfg.num_hidden_layers)
-        ]
+        # The backend the model was built with owns the KV layout its kernels read.
+        self.backend: Backend = getattr(model, "backend", None) or select_backend(device, dtype)
+        self.kv_layout = self.backend.kv_cache_layout(cfg, block_size, dtype)
+        self.kv_caches = self.kv_layout.allocate(num_blocks, device)  # per layer (K, V)
 
     @staticmethod
-    def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype) -> int:
-        per_token = 2 * model_cfg.num_hidden_layers * model_cfg.num_key_value_heads * model_cfg.head_dim
-        return per_token * block_size * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype, backend: Backend = REFERENCE) -> int:
+        return backend.kv_cache_layout(model_cfg, block_size, dtype).bytes_per_block
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for k, v in self.kv_caches:
-            k[:, dst] = k[:, src]
-            v[:, dst] = v[:, src]
+        self.kv_layout.copy_blocks(self.kv_caches, src, dst)
 
     @torch.inference_mode()
     def execute(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ember.models.gguf import ember_cache_dir
+from ember.paths import ember_cache_dir
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = [

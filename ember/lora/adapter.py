@@ -20,10 +20,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ember.models.config import ModelConfig
+from ember.models.projections import HF_MODULES, hf_shapes
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-MODULES = ATTENTION_MODULES + MLP_MODULES
+# The LoRA-able modules are the HF parts of the fused projections, in the table's order.
+MODULES = tuple(HF_MODULES)
+ATTENTION_MODULES = tuple(m for m, (group, _) in HF_MODULES.items() if group == "self_attn")
+MLP_MODULES = tuple(m for m, (group, _) in HF_MODULES.items() if group == "mlp")
 MAX_ADAPTER_BYTES = 2**30  # an adapter file larger than this is refused before it is read
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
@@ -37,16 +39,7 @@ class AdapterError(ValueError):
 
 def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of each LoRA-able module of the base model."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {
-        "q_proj": (cfg.q_size, h),
-        "k_proj": (cfg.kv_size, h),
-        "v_proj": (cfg.kv_size, h),
-        "o_proj": (h, cfg.q_size),
-        "gate_proj": (i, h),
-        "up_proj": (i, h),
-        "down_proj": (h, i),
-    }
+    return hf_shapes(cfg)
 
 
 @dataclass
@@ -177,7 +170,7 @@ def _collect(
                 f"adapter '{name}': unexpected tensor '{key}' (not a LoRA weight of a decoder layer)"
             )
         layer, group, module, half = int(m[1]), m[2], m[3], m[4]
-        if module not in shapes or (group == "self_attn") != (module in ATTENTION_MODULES):
+        if module not in shapes or HF_MODULES[module][0] != group:
             raise AdapterError(f"adapter '{name}': '{key}' names no module of this base model")
         if layer >= cfg.num_hidden_layers:
             raise AdapterError(

@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: the plain-PyTorch reference path (CPU, and GPU fallback).
+"""Attention over the paged KV cache: the metadata of a step, and the plain-PyTorch reference math.
 
 A step's flat batch holds decode tokens first (one query per sequence), then prefill chunks (a run of
 queries per sequence, possibly after a prefix already in the cache). Keys and values of every new token
@@ -8,13 +8,12 @@ blocks, so chunked prefill, recompute and cached prefixes all go through the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 import torch.nn.functional as F
-
-from ember.kernels import cpu as cpu_kernels
 
 
 @dataclass
@@ -75,31 +74,26 @@ def write_kv(
     v_cache.view(hkv, -1, d).index_copy_(1, slots, v.transpose(0, 1))
 
 
+# (q [B, Hq, D], k_cache, v_cache, meta, scale, out [B, Hq, D]) -> None: a backend's decode_attention
+DecodeAttention = Callable[..., None]
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    cpu_kernel: bool = False,
+    decode_attention: DecodeAttention | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context. cpu_kernel: the decode
-    queries go through ember's C kernel (float32 on the CPU), which reads the blocks in place."""
+    """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context. The decode queries go
+    through `decode_attention` (the model's backend; the reference when None), prefill chunks through SDPA."""
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
-    if nd and cpu_kernel:
-        cpu_kernels.decode_attention(
-            q[:nd].contiguous(),
-            k_cache,
-            v_cache,
-            meta.decode_block_tables,
-            meta.decode_context_lens,
-            meta.sliding_window,
-            scale,
-            out[:nd],
-        )
+    if nd and decode_attention is not None:
+        decode_attention(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
     elif nd:
-        out[:nd] = _decode(q[:nd], k_cache, v_cache, meta, scale)
+        out[:nd] = decode_reference(q[:nd], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         out[rows] = _prefill(q[rows], k_cache, v_cache, chunk, scale)
@@ -113,7 +107,8 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     return g.view(cache.shape[0], *block_table.shape[:-1], -1, cache.shape[-1])
 
 
-def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def decode_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [B, Hq, D] -> [B, Hq, D]: each decode query over its sequence's blocks."""
     b, hq, d = q.shape
     hkv = k_cache.shape[0]
     k = _gather(k_cache, meta.decode_block_tables)  # [Hkv, B, L, D]

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +22,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from ember.paths import ember_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ ROPE_FREQS = "rope_freqs.weight"
 # Tokens llama.cpp treats as end-of-generation by their text, beyond the ids the metadata declares
 # (e.g. Qwen2.5's <|endoftext|> next to its eos <|im_end|>; Llama 3's <|eom_id|> next to <|eot_id|>).
 EOG_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>")
-
-
-def ember_cache_dir() -> Path:
-    return Path(os.environ.get("EMBER_CACHE_DIR") or "~/.cache/ember").expanduser()
 
 
 def converted_dir(gguf_path: str | Path) -> Path:

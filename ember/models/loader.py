@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from ember.kernels import cpu as cpu_kernels
+from ember.backends import select_backend
 from ember.models.config import ModelConfig
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed import pack_model, packing_available
@@ -23,20 +22,19 @@ def load_model(
     max_positions: int | None = None,
     quantization: str | None = None,
 ) -> LlamaForCausalLM:
+    # The backend first: it refuses a quantization no kernel here computes, before any weight is read.
+    backend = select_backend(device, dtype, quantization)
     # Construct without initialising (the checkpoint overwrites every parameter), then load.
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_positions)
+        model = LlamaForCausalLM(config, max_positions, backend)
     model = model.to_empty(device="cpu")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.load_hf_state_dict(load_state_dict(Path(path), dtype=torch.float32))
     model.rope.to(device)
     if quantization is not None:  # from the fp32 weights; the quantized buffers are bf16 already
-        quantize_model(model, quantization)
+        quantize_model(model, quantization, backend)
     model = model.to(device=device, dtype=dtype).eval()
-    if device.type == "cpu" and dtype == torch.float32:
-        if quantization is None and packing_available():
-            pack_model(model)  # oneDNN's matmul on reordered weights: faster at every batch size here
-        if os.environ.get("EMBER_CPU_KERNELS", "1") != "0" and cpu_kernels.available():
-            model.use_cpu_kernels()
+    if device.type == "cpu" and dtype == torch.float32 and quantization is None and packing_available():
+        pack_model(model)  # oneDNN's matmul on reordered weights: faster at every batch size here
     return model

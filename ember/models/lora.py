@@ -1,7 +1,7 @@
 """LoRA deltas applied per token, by adapter slot, in one forward pass: the plain-PyTorch reference path.
 
 Each LoRA-able projection is wrapped in a LoRALinear holding, for each sub-module it fuses (q, k and v in
-qkv_proj; gate and up in gate_up_proj), the A and B of every adapter slot, stacked: A [slots, r_max, in],
+qkv_proj; gate and up in gate_up_proj, as ember.models.projections lays them out), the A and B of every adapter slot, stacked: A [slots, r_max, in],
 B [slots, out, r_max] (zero-padded to the maximum rank, scaling folded into B). A step's tokens carry a
 slot id each; the rows of one slot form a segment, and each segment adds `(x @ A.T) @ B.T` to its rows of
 the projection's output slice. Tokens with no adapter get nothing added, so the bare base model and any
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ember.models.projections import layer_projections
 
 
 @dataclass
@@ -81,20 +83,14 @@ def enable_lora(model: nn.Module, num_slots: int, max_rank: int) -> LoRAContext:
     """Wrap every LoRA-able projection of a Llama-family model; returns the context the runner drives."""
     cfg = model.config
     ctx = LoRAContext(num_slots, max_rank, present=[set() for _ in range(num_slots)], ranks=[0] * num_slots)
-    q, kv, h, i = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = LoRALinear(
-            attn.qkv_proj, [("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h, ctx
-        )
-        attn.o_proj = LoRALinear(attn.o_proj, [("o_proj", 0, h)], q, ctx)
-        mlp.gate_up_proj = LoRALinear(mlp.gate_up_proj, [("gate_proj", 0, i), ("up_proj", i, i)], h, ctx)
-        mlp.down_proj = LoRALinear(mlp.down_proj, [("down_proj", 0, h)], i, ctx)
-        for proj in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+        for parent, p in layer_projections(layer):
+            proj = LoRALinear(getattr(parent, p.name), p.part_slices(cfg), p.in_features(cfg), ctx)
             for name, buf in list(proj.named_buffers(recurse=False)):
                 setattr(proj, name, buf.to(device=device, dtype=dtype))
+            setattr(parent, p.name, proj)
     model.lora = ctx
     return ctx
 
@@ -109,12 +105,7 @@ def load_slot(
     with torch.no_grad():
         for index, layer in enumerate(model.layers):
             mine = by_layer.get(index, {})
-            for proj in (
-                layer.self_attn.qkv_proj,
-                layer.self_attn.o_proj,
-                layer.mlp.gate_up_proj,
-                layer.mlp.down_proj,
-            ):
-                proj.set_slot(slot, mine)
+            for parent, p in layer_projections(layer):
+                getattr(parent, p.name).set_slot(slot, mine)
     model.lora.present[slot] = {module for _, module in weights}
     model.lora.ranks[slot] = max((a.shape[0] for a, _ in weights.values()), default=0)

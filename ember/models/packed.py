@@ -1,20 +1,10 @@
 """Dense projections on the CPU through oneDNN, with weights reordered once into its blocked layout.
 
-`F.linear` on the CPU calls MKL's sgemm, whose small-M kernels are slow on these machines (AMD EPYC,
-AVX2): a step with 2 to 8 rows of activations costs two to three times a 1-row step, and the LM head's
-49152 x 576 product at 5 rows costs 2.4x what it does at one. Those are exactly the steps of a small
-decode batch and of speculative verification (k + 1 rows per sequence). oneDNN's matmul on a weight
-reordered ahead of time reads the same values in a cache-friendly order. Measured on the 2-core EPYC,
-float32, microseconds per call, F.linear -> packed (`benchmarks/packed_linear.py`, one run):
-
-| weight | 1 row | 2 rows | 5 rows | 16 rows | 256 rows |
-| --- | ---: | ---: | ---: | ---: | ---: |
-| gate_up 3072 x 576 | 221 -> 174 | 510 -> 171 | 810 -> 263 | 2201 -> 528 | 11764 -> 7303 |
-| down 576 x 1536 | 100 -> 149 | 226 -> 150 | 352 -> 214 | 704 -> 503 | 4504 -> 4949 |
-| LM head 49152 x 576 | 18306 -> 10112 | 38472 -> 11125 | 49033 -> 13454 | 51111 -> 21223 | 257322 -> 198856 |
-
-Small weights at one row lose a little; the whole default model gains: a decode step 114.6 -> 93.3 ms,
-a 5-token verification step 210.3 -> 127.1 ms.
+`F.linear` on the CPU calls MKL's sgemm, whose small-M kernels are slow on AVX2 machines: steps of 2 to 8
+rows (small decode batches, speculative verification) cost two to three times a 1-row step. oneDNN's
+matmul on a weight reordered ahead of time reads the same values in a cache-friendly order and wins on the
+whole model at every batch size; small weights at one row lose a little. Measurements:
+benchmarks/KERNELS.md (`benchmarks/packed_linear.py`).
 
 Results agree with F.linear to float32 rounding (a relative 1e-6), not bit for bit: the sums run in
 another order. The reordered weight replaces the dense one, so memory does not grow, except for an LM head
@@ -28,7 +18,7 @@ import functools
 import torch
 from torch import nn
 
-from ember.models.llama import swap_projections
+from ember.models.projections import swap_projections
 
 
 @functools.cache

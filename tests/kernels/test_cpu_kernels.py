@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember import LLM, SamplingParams
+from ember.backends import CPU
 from ember.kernels import cpu
-from ember.models.attention import AttentionMetadata, _decode, write_kv
+from ember.models.attention import AttentionMetadata, decode_reference, write_kv
 from ember.models.llama import RMSNorm
 from ember.models.packed import unpack_model
 from ember.models.quant import (
@@ -117,7 +118,7 @@ def test_rms_norm_kernel(rows):
     norm.weight.data = torch.randn(96)
     x = torch.randn(rows, 96) * 4
     want = norm(x)
-    norm.cpu_kernel = True
+    norm.set_backend(CPU)
     torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-5)
 
 
@@ -173,7 +174,7 @@ def test_decode_attention_kernel(window, group):
         max_decode_len=max(lens),
     )
     q = torch.randn(len(lens), hq, d)
-    want = _decode(q, k_cache, v_cache, meta, 0.25)
+    want = decode_reference(q, k_cache, v_cache, meta, 0.25)
     got = torch.empty_like(q)
     cpu.decode_attention(
         q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, window, 0.25, got

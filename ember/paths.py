@@ -1,0 +1,11 @@
+"""Where ember keeps what it builds or converts on first use (GGUF conversions, compiled kernels)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def ember_cache_dir() -> Path:
+    """`$EMBER_CACHE_DIR`, else ~/.cache/ember."""
+    return Path(os.environ.get("EMBER_CACHE_DIR") or "~/.cache/ember").expanduser()
