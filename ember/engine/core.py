@@ -58,10 +58,14 @@ class EngineCore:
         )
         self.eos_token_ids = self.model_config.eos_token_ids or [self.tokenizer.eos_token_id]
         cache = config.cache
-        per_block = ModelRunner.bytes_per_block(self.model_config, cache.block_size, config.torch_dtype)
+        per_block = ModelRunner.bytes_per_block(
+            self.model_config, cache.block_size, config.torch_dtype, self.model.backend
+        )
         draft = self._draft_source() if config.speculative.method == "draft" else None
         if draft is not None:  # the draft's KV blocks mirror the target's, within the same budget
-            per_block += ModelRunner.bytes_per_block(draft[1], cache.block_size, config.torch_dtype)
+            per_block += ModelRunner.bytes_per_block(
+                draft[1], cache.block_size, config.torch_dtype, self.model.backend
+            )
         num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB%s)",
