@@ -127,7 +127,9 @@ class SpeculativeConfig:
         if isinstance(method, str) and method.startswith("draft:") and method[len("draft:") :]:
             method, self.draft_model = "draft", method[len("draft:") :]
         if method not in (None, "ngram", "draft"):
-            raise ConfigError("method", f"speculative must be none, ngram or draft:MODEL (got {method!r})")
+            raise ConfigError(
+                "method", f"speculative must be ngram or draft:MODEL (got {method!r}); none turns it off"
+            )
         self.method = method
         check(self)
         if self.method == "draft" and not self.draft_model:

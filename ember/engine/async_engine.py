@@ -126,6 +126,8 @@ class AsyncEngine:
         self._lora_ops: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ready = threading.Event()
         self._stopping = False  # shutdown() was called
+        self._shutdown_lock = threading.Lock()
+        self._closed = False  # the process's queues and handle are closed
         self._shut_down = False  # the core stopped because it was asked to
         if mode == "thread":
             self._inbox, self._outbox = queue.Queue(), queue.Queue()
@@ -304,18 +306,21 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         """Stop the core and the output thread; in process mode also close the queues (their feeder
-        thread and pipes) and the process handle, so nothing is left running or open. Idempotent."""
-        if not self._stopping:
-            self._stopping = True
-            self._inbox.put(Shutdown())
-        self._reader.join(timeout=10)
-        if isinstance(self._core, threading.Thread):
-            self._core.join(timeout=10)
-            return
-        try:
-            self._core.join(timeout=10)
-        except ValueError:  # closed by an earlier shutdown
-            return
+        thread and pipes) and the process handle, so nothing is left running or open. Idempotent, and
+        safe to call from several threads at once (a drain and a signal, say)."""
+        with self._shutdown_lock:
+            if not self._stopping:
+                self._stopping = True
+                self._inbox.put(Shutdown())
+            self._reader.join(timeout=10)
+            if isinstance(self._core, threading.Thread):
+                self._core.join(timeout=10)
+            elif not self._closed:
+                self._close_process()
+                self._closed = True
+
+    def _close_process(self) -> None:
+        self._core.join(timeout=10)
         if self._core.is_alive():
             self._core.kill()
             self._core.join(timeout=5)
@@ -326,7 +331,7 @@ class AsyncEngine:
             # This side never wrote to the outbox, so it has no feeder to close its pipe: close it here.
             self._outbox._reader.close()
             self._outbox._writer.close()
-        if not self._core.is_alive():
+        if not self._core.is_alive() and not self._reader.is_alive():  # the reader polls is_alive()
             self._core.close()  # its sentinel fd
 
     # -- output thread --------------------------------------------------------------------------------

@@ -120,11 +120,9 @@ def test_engines_built_and_torn_down_leave_nothing_behind(mode, random_model_dir
         del engine
     first, last = readings[WARM[mode]], readings[-1]
     report = "\n".join(f"engine {i}: {u}" for i, u in enumerate(readings))
-    assert (last.threads, last.native_threads, last.fds) == (
-        first.threads,
-        first.native_threads,
-        first.fds,
-    ), report
+    # No growth; fewer is fine (a thread or socket of an earlier test in this process may end meanwhile).
+    assert last.threads <= first.threads and last.native_threads <= first.native_threads, report
+    assert last.fds <= first.fds, report
     assert last.rss_mb - first.rss_mb < MAX_RSS_GROWTH_MB, report
 
 
