@@ -53,8 +53,6 @@ class LLMEngine:
         """As EngineCore.add_request, from text or token ids (checked here first)."""
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._states:
-            raise InvalidRequest(f"request id '{request_id}' is already in use", param="request_id")
         ids = self.inputs.token_ids(prompt, params)
         text = prompt if isinstance(prompt, str) else None
         salt = cache_salt.encode() if isinstance(cache_salt, str) else cache_salt
