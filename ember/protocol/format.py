@@ -93,9 +93,9 @@ def chat_choice(
     message = {"role": "assistant", "content": c.text, "refusal": None}
     reason = _reason(c)
     calls = tools.parse(c.text) if tool_mode is not None else None
-    if calls:
-        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
-        if reason == "stop":
+    if calls is not None:  # the output is calls: complete ones come back, a cut-off tail is dropped
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls or None}
+        if calls and reason in ("stop", "length"):
             reason = "tool_calls"
     return {
         "index": index,
@@ -167,8 +167,8 @@ class ChunkMaker:
                         delta["tool_calls"] = call_deltas
                     elif stream.mode != "text" and not reason and index in self.started and not lp:
                         continue  # nothing to say yet: arguments held back at a possible end
-                    if reason == "stop" and stream.made_calls:
-                        reason = "tool_calls"
+                    if reason:
+                        reason = stream.finish_reason(reason)
                 if index not in self.started:
                     delta = {"role": "assistant", **delta}
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}

@@ -20,6 +20,7 @@ MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_EMBEDDING_INPUTS = 2048
 MAX_TOOLS = 128
+MAX_TOOL_CALLS = 128
 
 # Defined by OpenAI, not served yet (the legacy `functions` are served as `tools`).
 _NOT_YET = ("functions", "function_call", "suffix", "audio")
@@ -187,6 +188,9 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # ember's (the Responses API's name): with parallel calls on, up to this many calls of any tools in one
+    # turn; unset, each declared tool may be called once (so a small model cannot repeat a call forever).
+    max_tool_calls: int | None = Field(default=None, ge=1, le=MAX_TOOL_CALLS)
 
     @model_validator(mode="after")
     def _top_logprobs(self):

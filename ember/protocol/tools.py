@@ -9,6 +9,11 @@ ember's call format is the Hermes one (Qwen2.5 and Hermes models are trained on 
 one block per call, parallel calls separated by a newline. With tool_choice `required` or a named
 function the output is constrained to such blocks, each naming a declared function with arguments that
 validate against its schema; with `auto` it is either text (which may not begin with "<") or calls.
+Parallel calls are bounded so that a small model cannot loop on one call until max_tokens: by default each
+declared tool may be called at most once per turn (the grammar tracks which are left), and a request
+that wants more sets `max_tool_calls` (the Responses API's field), up to that many calls of any tools.
+Reading calls back keeps every complete call: a turn cut short by max_tokens still returns the calls it
+finished, and the call markup never reaches `content`.
 Templates that know tools render them themselves; for the others (SmolLM2's among them) the tools and the
 format are described in the system message (FALLBACK_INSTRUCTIONS), and earlier calls and tool results
 are written into the history in the same format.
@@ -38,6 +43,9 @@ To call tools, answer only with one block per call, in this form:
 </tool_call>
 Tool results come back to you inside <tool_response></tool_response>."""
 _ID_CHARS = string.ascii_letters + string.digits
+# Up to this many tools, the grammar allows each to be called once per turn (it names every subset of the
+# tools not called yet: 2**n rules); past it, only the number of calls is bounded.
+DISTINCT_TOOLS_MAX = 6
 
 
 def call_id() -> str:
@@ -146,13 +154,12 @@ def constraint(body: ChatCompletionRequest) -> StructuredOutputs | None:
         return body.structured()
     tools = [t for t in body.tools if mode in ("auto", "required") or t.function.name == mode]
     rules = [f"fn_{i}: %json {json.dumps(_call_schema(t))}" for i, t in enumerate(tools)]
-    # A named function is one call to it; otherwise as many as the model makes, if parallel calls are on.
+    rules += [f"call_{i}: {json.dumps(OPEN)} fn_{i} {json.dumps(CLOSE)}" for i in range(len(tools))]
+    # A named function is one call to it; otherwise, with parallel calls on, several (bounded: see above).
     parallel = body.parallel_tool_calls and mode in ("auto", "required")
-    calls = 'calls: call ("\\n" call)*' if parallel else "calls: call"
     lines = [
         "start: calls" if mode != "auto" else "start: (text | calls)?",
-        calls,
-        f"call: {json.dumps(OPEN)} ({' | '.join(f'fn_{i}' for i in range(len(tools)))}) {json.dumps(CLOSE)}",
+        *_calls_rules(len(tools), body.max_tool_calls if parallel else 1),
         *rules,
     ]
     if mode == "auto":
@@ -168,6 +175,27 @@ def constraint(body: ChatCompletionRequest) -> StructuredOutputs | None:
             schema = text.constraint().json or {"type": "object"}
             lines.append(f"text: %json {json.dumps(_with_options(schema))}")
     return StructuredOutputs(grammar="%llguidance {}\n" + "\n".join(lines))
+
+
+def _calls_rules(n: int, limit: int | None) -> list[str]:
+    """The `calls` rule over `call_0 .. call_{n-1}`: at most `limit` calls of any tools, or (limit None)
+    each tool at most once, in any order (where n is small enough to name the subsets left)."""
+    any_call = "(" + " | ".join(f"call_{i}" for i in range(n)) + ")"
+    if limit is None and n > DISTINCT_TOOLS_MAX:
+        limit = n
+    if limit is not None:
+        more = f' ("\\n" {any_call}){{0,{limit - 1}}}' if limit > 1 else ""
+        return [f"calls: {any_call}{more}"]
+    # left_<mask>: one call of a tool in mask, then optionally more calls of the tools still left.
+    out = [f"calls: left_{(1 << n) - 1}"]
+    for mask in range(1, 1 << n):
+        alts = []
+        for i in range(n):
+            if mask >> i & 1:
+                rest = mask & ~(1 << i)
+                alts.append(f'call_{i} ("\\n" left_{rest})?' if rest else f"call_{i}")
+        out.append(f"left_{mask}: " + " | ".join(alts))
+    return out
 
 
 def _call_schema(tool: Tool) -> dict:
@@ -195,27 +223,32 @@ _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.S)
 
 
 def parse(text: str) -> list[dict] | None:
-    """The calls in a model's output (OpenAI's tool_calls entries), or None if it is not calls."""
-    if not text.startswith(OPEN):
+    """The calls in a model's output (OpenAI's tool_calls entries), or None if it is text, not calls.
+
+    Output that begins a call is calls: every complete block is returned (a call repeated word for word
+    once), and whatever follows the last complete one (a call cut short by max_tokens) is dropped, so
+    call markup never reads as content. The list is empty when not even one call was finished."""
+    if not text.startswith(OPEN[: len(text)]) or not text:
         return None
-    calls, end = [], 0
+    calls, seen, end = [], set(), 0
     for m in _BLOCK.finditer(text):
         if text[end : m.start()].strip():
-            return None
+            break
         try:
             obj = json.loads(m.group(1))
             name, args = obj["name"], obj["arguments"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            return None
+            break
+        end = m.end()
         raw = m.group(1)
         prefix = _prefix(name)
         arguments = raw[len(prefix) : -1] if raw.startswith(prefix) else json.dumps(args)
+        if (name, arguments) in seen:
+            continue
+        seen.add((name, arguments))
         calls.append(
             {"id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
         )
-        end = m.end()
-    if not calls or text[end:].strip():
-        return None
     return calls
 
 
@@ -279,3 +312,10 @@ class CallStream:
     @property
     def made_calls(self) -> bool:
         return self.count > 0
+
+    def finish_reason(self, reason: str) -> str:
+        """OpenAI's finish_reason for a stream that ended for `reason`: `tool_calls` once calls were made
+        and none is left half-written (a call cut inside its arguments stays `length`)."""
+        if self.made_calls and reason in ("stop", "length") and self.args_start is None:
+            return "tool_calls"
+        return reason

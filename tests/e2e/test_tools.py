@@ -256,3 +256,46 @@ def test_history_with_bad_arguments_is_a_400(client):
         client.chat.completions.create(model=MODEL, messages=messages, tools=TOOLS, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="tool_call_id"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "5"}], max_tokens=4)
+
+
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a time zone",
+        "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]},
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_tokens", [100, 40])
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_with_parallel_calls_on_returns_the_calls_it_made(client, max_tokens, stream):
+    """LangChain's tool_choice="any": required, parallel calls on (the default). The default model used to
+    repeat its call until max_tokens, and the complete first call came back as markup in `content`."""
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What's the weather in Oslo, in celsius?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=max_tokens,
+        temperature=0,
+    )
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    if stream:
+        calls, content, reason = _streamed(client, **kwargs)
+        names = [c["name"] for c in calls]
+        args = [json.loads(c["arguments"]) for c in calls]
+        assert content == ""
+    else:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+        assert choice.message.content is None
+        names = [c.function.name for c in choice.message.tool_calls]
+        args = [json.loads(c.function.arguments) for c in choice.message.tool_calls]
+        reason = choice.finish_reason
+    assert reason == "tool_calls"
+    assert names[0] == "get_weather" and len(names) == len(set(names))  # no tool called twice
+    assert args[0] == {"city": "Oslo", "unit": "celsius"}
+    for name, a in zip(names, args, strict=True):
+        jsonschema.validate(a, schemas[name])

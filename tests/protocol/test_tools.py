@@ -40,8 +40,48 @@ def test_parse_reads_calls_and_keeps_the_arguments_text():
     assert json.loads(calls[1]["function"]["arguments"]) == {"city": 'Zürich "}\n</tool_call>"'}
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
     assert tools.parse("Hello") is None
-    assert tools.parse(TWO_CALLS[:-5]) is None  # cut short: not calls
-    assert tools.parse(TWO_CALLS + " trailing") is None
+
+
+def test_parse_keeps_the_complete_calls_of_an_output_cut_short():
+    first = TWO_CALLS.split("\n<tool_call>")[0]
+    # cut by max_tokens inside the second call: the first comes back, the tail is dropped
+    assert [c["function"]["name"] for c in tools.parse(TWO_CALLS[:-5])] == ["add"]
+    assert [c["function"]["name"] for c in tools.parse(first + '\n<tool_call>\n{"na')] == ["add"]
+    assert tools.parse('<tool_call>\n{"name": "ad') == []  # calls, none finished: still not content
+    assert tools.parse("<tool") == []
+    # a call repeated word for word is one call
+    assert len(tools.parse(first + "\n" + first + "\n" + first)) == 1
+
+
+def _choice(text: str, reason: str, mode: str = "required") -> dict:
+    from ember.outputs import CompletionOutput
+    from ember.protocol.format import chat_choice
+
+    out = CompletionOutput(index=0, text=text, token_ids=[], finish_reason=reason)
+    return chat_choice(out, 0, None, mode)
+
+
+def test_a_forced_call_cut_by_max_tokens_comes_back_as_tool_calls():
+    """The issue's case: the model began a second call and ran out of tokens in it."""
+    choice = _choice(TWO_CALLS[:-5], "length")
+    assert choice["message"]["content"] is None
+    assert [c["function"]["name"] for c in choice["message"]["tool_calls"]] == ["add"]
+    assert choice["finish_reason"] == "tool_calls"
+    nothing = _choice('<tool_call>\n{"name": "ad', "length")
+    assert nothing["message"]["content"] is None and nothing["message"]["tool_calls"] is None
+    assert nothing["finish_reason"] == "length"
+    assert _choice("Hi there", "stop", "auto")["message"]["content"] == "Hi there"
+
+
+def test_a_stream_cut_between_calls_ends_as_tool_calls_and_inside_one_as_length():
+    first = TWO_CALLS.split("\n<tool_call>")[0]
+    between = tools.CallStream(forced=True)
+    between.feed(first + '\n<tool_call>\n{"na')
+    assert between.finish_reason("length") == "tool_calls"
+    inside = tools.CallStream(forced=True)
+    inside.feed(TWO_CALLS[:-5])
+    assert inside.finish_reason("length") == "length"  # its arguments were already streamed half-way
+    assert tools.CallStream(forced=True).finish_reason("length") == "length"
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -173,3 +213,33 @@ def test_the_call_grammar_allows_declared_calls_only(llg):
     assert _accepts(llg, auto, "Just text, no calls.") and _accepts(llg, auto, TWO_CALLS)
     assert not _accepts(llg, auto, '<tool_call>\n{"name": "sub"')
     assert tools.constraint(_body(tools=[ADD], tool_choice="none")) is None
+
+
+def _call(name: str, args: dict) -> str:
+    return tools._format_call(name, args)
+
+
+def test_parallel_calls_are_bounded_so_a_model_cannot_loop(llg):
+    """By default each declared tool is called at most once a turn; max_tool_calls asks for more."""
+    add, city = _call("add", {"a": 1, "b": 2}), _call("city_info", {"city": "Oslo"})
+    required = _grammar(_body(tools=[ADD, CITY], tool_choice="required"))
+    assert _accepts(llg, required, add + "\n" + city) and _accepts(llg, required, city + "\n" + add)
+    assert not _accepts(llg, required, add + "\n" + add)
+    assert not _accepts(llg, required, add + "\n" + city + "\n" + add)
+    auto = _grammar(_body(tools=[ADD, CITY]))
+    assert _accepts(llg, auto, city) and not _accepts(llg, auto, city + "\n" + city)
+    two = _grammar(_body(tools=[ADD, CITY], tool_choice="required", max_tool_calls=2))
+    assert _accepts(llg, two, add + "\n" + _call("add", {"a": 3, "b": 4}))
+    assert not _accepts(llg, two, add + "\n" + add + "\n" + add)
+    # past DISTINCT_TOOLS_MAX tools, the count is bounded by the number of tools
+    many = [
+        {
+            "type": "function",
+            "function": {"name": f"t{i}", "parameters": {"type": "object", "properties": {}}},
+        }
+        for i in range(tools.DISTINCT_TOOLS_MAX + 1)
+    ]
+    wide = _grammar(_body(tools=many, tool_choice="required"))
+    calls = [_call(f"t{i}", {}) for i in range(len(many))]
+    assert _accepts(llg, wide, "\n".join(calls))
+    assert not _accepts(llg, wide, "\n".join(calls + calls[:1]))
