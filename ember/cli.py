@@ -131,7 +131,7 @@ def serve(
     """Serve the OpenAI-compatible API."""
     spec = build_spec(settings, config)
     if print_config:
-        sys.stdout.write(spec.dump())
+        sys.stdout.write(spec.dump(redact=True))  # keys as '***': a printed spec is shown
         return
     from ember.server.run import serve as run_server
 

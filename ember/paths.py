@@ -9,3 +9,8 @@ from pathlib import Path
 def ember_cache_dir() -> Path:
     """`$EMBER_CACHE_DIR`, else ~/.cache/ember."""
     return Path(os.environ.get("EMBER_CACHE_DIR") or "~/.cache/ember").expanduser()
+
+
+def ember_adapter_dir() -> Path:
+    """Where ember's own LoRA adapters live (tuned ones, downloads): always an adapter root of a server."""
+    return ember_cache_dir() / "adapters"

@@ -53,6 +53,10 @@ class Setting:
     # How the value is written in a spec file, when that reads better than the value itself (2GiB).
     show: Callable[[Any], Any] | None = None
     metavar: str | None = None  # what --help shows for the value; default: the choices
+    secret: bool = False  # an API key or the like: written as '***' where a spec is shown (--print-config)
+
+
+REDACTED = "***"
 
 
 def setting(
@@ -68,9 +72,10 @@ def setting(
     parse: Callable[[list[str]], Any] | None = None,
     show: Callable[[Any], Any] | None = None,
     metavar: str | None = None,
+    secret: bool = False,
 ) -> Any:
     """A dataclass field with its metadata; `factory` for mutable defaults (lists, dicts)."""
-    meta = {"setting": Setting(help, flag, aliases, choices, search, minimum, parse, show, metavar)}
+    meta = {"setting": Setting(help, flag, aliases, choices, search, minimum, parse, show, metavar, secret)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -189,19 +194,30 @@ def check(obj: Any) -> None:
             raise ConfigError(f.name, f"must be at least {s.minimum:g} (got {value})")
 
 
-def to_plain(obj: Any) -> dict[str, Any]:
-    """A config object -> plain dicts, lists and scalars, as a spec file holds them."""
+def to_plain(obj: Any, redact: bool = False) -> dict[str, Any]:
+    """A config object -> plain dicts, lists and scalars, as a spec file holds them; `redact`: secrets
+    (each key of a list, each value of a mapping's lists) written as '***'."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         s: Setting | None = f.metadata.get("setting")
         if dataclasses.is_dataclass(value):
-            out[f.name] = to_plain(value)
+            out[f.name] = to_plain(value, redact)
+        elif redact and s is not None and s.secret and value is not None:
+            out[f.name] = _redacted(value)
         elif s is not None and s.show is not None and value is not None:
             out[f.name] = s.show(value)
         else:
             out[f.name] = _copy(value)
     return out
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [REDACTED for _ in value]
+    return REDACTED
 
 
 def _copy(value: Any) -> Any:

@@ -1,10 +1,38 @@
-"""What `ember serve` adds around the engine: the HTTP listener, keys, adapters at start, drain."""
+"""What `ember serve` adds around the engine: the HTTP listener, keys, adapters at start, drain.
+
+API keys come from the flags, from files (`--api-key-file`, `--admin-key-file`: one key a line, '#'
+comments) and from the environment (`EMBER_API_KEYS`, comma-separated; `EMBER_ADMIN_KEY`), so that no key
+need be on a command line, where `ps` shows it. `ServerConfig.keys` is what the server accepts: every API
+key from every source; the admin key from the flag, else its file, else the environment.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from ember.config.schema import check, setting
+from ember.config.schema import REDACTED, check, setting
+from ember.paths import ember_adapter_dir
+
+API_KEYS_ENV = "EMBER_API_KEYS"
+ADMIN_KEY_ENV = "EMBER_ADMIN_KEY"
+
+
+@dataclass(frozen=True)
+class Keys:
+    api: list[str]  # the accepted API keys; none: the API is open
+    admin: str | None  # the key of /v1/adapters and /metrics; None: no admin
+
+
+def read_key_file(path: str, flag: str) -> list[str]:
+    """The keys of a key file: one a line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = Path(path).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ValueError(f"{flag} {path}: cannot read it ({why})") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def parse_loras(specs: list[str]) -> dict[str, str]:
@@ -38,8 +66,13 @@ class ServerConfig:
     port: int = setting(8000, help="the port to listen on", minimum=0)
     served_model_name: str | None = setting(None, help="the name clients use (default: --model)")
     api_keys: list[str] = setting(
-        factory=list, help="accepted API key (repeatable); none: the API is open", flag="--api-key"
+        factory=list,
+        help=f"accepted API key (repeatable; visible in ps: prefer --api-key-file or ${API_KEYS_ENV}); none "
+        "anywhere: the API is open",
+        flag="--api-key",
+        secret=True,
     )
+    api_key_file: str | None = setting(None, help="a file of accepted API keys, one a line")
     # Prefix-cache namespaces shared by several keys: name -> keys (every other key is its own).
     cache_namespaces: dict[str, list[str]] = setting(
         factory=dict,
@@ -47,6 +80,7 @@ class ServerConfig:
         "key has its own",
         flag="--cache-namespace",
         parse=parse_namespaces,
+        secret=True,
     )
     loras: dict[str, str] = setting(
         factory=dict,
@@ -56,7 +90,20 @@ class ServerConfig:
         parse=parse_loras,
     )
     admin_key: str | None = setting(
-        None, help="key for /v1/adapters (runtime adapter loading); implies --enable-lora"
+        None,
+        help=f"key for /v1/adapters (runtime adapter loading) and /metrics; implies --enable-lora (prefer "
+        f"--admin-key-file or ${ADMIN_KEY_ENV})",
+        secret=True,
+    )
+    admin_key_file: str | None = setting(None, help="a file holding the admin key")
+    lora_roots: list[str] = setting(
+        factory=list,
+        help="a directory POST /v1/adapters may load adapters from (repeatable); ember's adapter directory "
+        "and each --lora adapter are roots too",
+        flag="--lora-root",
+    )
+    metrics_public: bool = setting(
+        False, help="serve /metrics to anyone, without a key (default: the admin key only, once keys are set)"
     )
     max_queue: int = setting(
         256, help="requests that may wait beyond --max-num-seqs; past it, 429", minimum=0
@@ -77,16 +124,50 @@ class ServerConfig:
         # The flags are named: these settings come from the command line far more often than from a file.
         if any(not k.strip() for k in self.api_keys):
             raise ValueError("--api-key must not be empty")
-        if self.admin_key is not None and (not self.admin_key.strip() or self.admin_key in self.api_keys):
+        given = [*self.api_keys, self.admin_key, *(k for ks in self.cache_namespaces.values() for k in ks)]
+        if REDACTED in given:
+            raise ValueError(
+                f"an API key reads '{REDACTED}': --print-config hides keys; give them with --api-key-file, "
+                f"--admin-key-file or ${API_KEYS_ENV} / ${ADMIN_KEY_ENV}"
+            )
+        self._keys = self._read_keys(os.environ)
+        api, admin = self._keys.api, self._keys.admin
+        if admin is not None and (not admin.strip() or admin in api):
             raise ValueError("--admin-key must be non-empty and differ from every --api-key")
         seen: dict[str, str] = {}
         for name, keys in self.cache_namespaces.items():
             for key in keys:
-                if key not in self.api_keys:
+                if key not in api:
                     raise ValueError(f"--cache-namespace {name}: '{key}' is not one of the --api-key values")
                 if key in seen:
                     raise ValueError(f"--cache-namespace: key '{key}' is in both {seen[key]} and {name}")
                 seen[key] = name
+
+    @property
+    def keys(self) -> Keys:
+        """The keys the server accepts, from the flags, the key files and the environment (read when
+        this config was made)."""
+        return self._keys
+
+    def _read_keys(self, environ) -> Keys:
+        api = list(self.api_keys)
+        if self.api_key_file is not None:
+            api += read_key_file(self.api_key_file, "--api-key-file")
+        api += [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+        admin = self.admin_key
+        if admin is None and self.admin_key_file is not None:
+            found = read_key_file(self.admin_key_file, "--admin-key-file")
+            if len(found) != 1:
+                raise ValueError(f"--admin-key-file {self.admin_key_file}: holds {len(found)} keys, not one")
+            admin = found[0]
+        if admin is None and environ.get(ADMIN_KEY_ENV, "").strip():
+            admin = environ[ADMIN_KEY_ENV].strip()
+        return Keys(list(dict.fromkeys(api)), admin)
+
+    def adapter_roots(self) -> list[str]:
+        """Where runtime adapter loads may read: --lora-root, ember's adapter directory, each --lora."""
+        roots = [*self.lora_roots, str(ember_adapter_dir()), *self.loras.values()]
+        return list(dict.fromkeys(os.path.realpath(os.path.expanduser(r)) for r in roots))
 
     # The parsers, where callers of the old ServeOptions find them.
     parse_loras = staticmethod(parse_loras)

@@ -29,7 +29,7 @@ class DeploymentSpec:
 
     def __post_init__(self) -> None:
         # Adapters loaded at start, or a key to load them at run time, need the model's LoRA wrappers.
-        if (self.server.loras or self.server.admin_key is not None) and not self.engine.lora.enabled:
+        if (self.server.loras or self.server.keys.admin is not None) and not self.engine.lora.enabled:
             lora = dataclasses.replace(self.engine.lora, enabled=True)
             self.engine = dataclasses.replace(self.engine, lora=lora)  # a copy: the caller's stays as given
 
@@ -37,9 +37,10 @@ class DeploymentSpec:
     def model(self) -> str:
         return self.engine.model
 
-    def to_dict(self) -> dict[str, Any]:
-        engine = to_plain(self.engine)
-        return {"model": engine.pop("model"), "engine": engine, "server": to_plain(self.server)}
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """`redact`: API keys written as '***' (a spec for people to read; it does not load back)."""
+        engine = to_plain(self.engine, redact)
+        return {"model": engine.pop("model"), "engine": engine, "server": to_plain(self.server, redact)}
 
     @classmethod
     def from_dict(cls, data: Any) -> DeploymentSpec:
@@ -92,15 +93,17 @@ class DeploymentSpec:
                 raise ConfigError(str(path), f"is not valid YAML: {exc}") from None
         return cls.from_dict(data if data is not None else {})
 
-    def dump(self, path: str | Path | None = None, fmt: str | None = None) -> str:
-        """The spec as YAML (or JSON: fmt='json', or a .json path); written to `path` if one is given."""
+    def dump(self, path: str | Path | None = None, fmt: str | None = None, redact: bool = False) -> str:
+        """The spec as YAML (or JSON: fmt='json', or a .json path); written to `path` if one is given;
+        `redact`: API keys as '***'."""
         fmt = fmt or ("json" if path is not None and Path(path).suffix.lower() == ".json" else "yaml")
+        data = self.to_dict(redact)
         if fmt == "json":
-            text = json.dumps(self.to_dict(), indent=2) + "\n"
+            text = json.dumps(data, indent=2) + "\n"
         elif fmt == "yaml":
             import yaml
 
-            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+            text = yaml.safe_dump(data, sort_keys=False)
         else:
             raise ValueError(f"spec format must be yaml or json (got '{fmt}')")
         if path is not None:

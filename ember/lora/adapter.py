@@ -26,7 +26,15 @@ from ember.models.projections import HF_MODULES, hf_shapes
 MODULES = tuple(HF_MODULES)
 ATTENTION_MODULES = tuple(m for m, (group, _) in HF_MODULES.items() if group == "self_attn")
 MLP_MODULES = tuple(m for m, (group, _) in HF_MODULES.items() if group == "mlp")
-MAX_ADAPTER_BYTES = 2**30  # an adapter file larger than this is refused before it is read
+MAX_CONFIG_BYTES = 2**20  # an adapter_config.json larger than this is refused before it is read
+MAX_ADAPTER_BYTES = 2**30  # a weights file larger than this is refused before it is read, whatever the base
+# target_modules as a regex (PEFT matches it in full against module paths) is untrusted input: only a
+# subset that cannot backtrack badly is taken, no nested or grouped repetition: name characters, '\.',
+# '.', '.*', '\d+' and groups of alternative names, as PEFT-made configs write them (`.*\.(q_proj|v_proj)`).
+_NAME = r"(?:[A-Za-z0-9_-]|\\\.)+"
+_SAFE_REGEX = re.compile(rf"\^?(?:[A-Za-z0-9_-]|\\\.|\\d\+?|\.\*|\.|\((?:\?:)?{_NAME}(?:\|{_NAME})*\))+\$?")
+_MAX_REGEX_CHARS = 512
+_MAX_REGEX_REPEATS = 4  # '.*' and '\d+': matching costs up to (path length) ** this, per path
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
@@ -65,41 +73,105 @@ class LoRAAdapter:
 
     @classmethod
     def load(cls, name: str, path: str | Path, cfg: ModelConfig, max_rank: int) -> LoRAAdapter:
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            raise AdapterError(f"adapter '{name}': {path} is not a directory")
-        config_file = path / "adapter_config.json"
-        if not config_file.is_file():
-            raise AdapterError(f"adapter '{name}': no adapter_config.json in {path}")
-        weights_file = path / "adapter_model.safetensors"
-        if not weights_file.is_file():
-            pickled = [p for p in _PICKLES if (path / p).exists()]
-            if pickled:
-                raise AdapterError(
-                    f"adapter '{name}': {pickled[0]} is a pickle, which ember never loads (it can run code); "
-                    "save the adapter with safetensors (PEFT's default)"
-                )
-            raise AdapterError(f"adapter '{name}': no adapter_model.safetensors in {path}")
-        if weights_file.stat().st_size > MAX_ADAPTER_BYTES:
+        config_file, weights_file = _files(name, Path(path).expanduser())
+        size, cap = weights_file.stat().st_size, max_weights_bytes(cfg, max_rank)
+        if size > cap:
             raise AdapterError(
-                f"adapter '{name}': {weights_file.stat().st_size} bytes, more than the {MAX_ADAPTER_BYTES} allowed"
+                f"adapter '{name}': adapter_model.safetensors is {size} bytes; an adapter of rank up to "
+                f"{max_rank} for this base model holds at most {cap}"
             )
-        try:
-            config = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise AdapterError(f"adapter '{name}': cannot read adapter_config.json ({exc})") from None
-        if not isinstance(config, dict):
-            raise AdapterError(f"adapter '{name}': adapter_config.json must hold a JSON object")
+        config = _read_config(name, config_file)
         rank, scaling, targets = _check_config(name, config, max_rank)
         try:
             tensors = load_file(str(weights_file))
         except (SafetensorError, OSError, ValueError) as exc:
             raise AdapterError(f"adapter '{name}': cannot read adapter_model.safetensors ({exc})") from None
         weights = _collect(name, tensors, cfg, rank, scaling, targets)
-        return cls(name, path, rank, scaling, weights, config.get("base_model_name_or_path"))
+        return cls(
+            name, Path(path).expanduser(), rank, scaling, weights, config.get("base_model_name_or_path")
+        )
 
 
-def _check_config(name: str, config: dict, max_rank: int) -> tuple[int, float, set[str]]:
+def precheck(name: str, path: str | Path) -> None:
+    """What can be checked without the base model: the files, their sizes, adapter_config.json. The
+    server runs this before an adapter reaches the engine, so no untrusted file is parsed on its step loop
+    first (`load` checks it all again)."""
+    config_file, weights_file = _files(name, Path(path).expanduser())
+    if weights_file.stat().st_size > MAX_ADAPTER_BYTES:
+        raise AdapterError(
+            f"adapter '{name}': adapter_model.safetensors is {weights_file.stat().st_size} bytes, more than "
+            f"the {MAX_ADAPTER_BYTES} any adapter may have"
+        )
+    _check_config(name, _read_config(name, config_file), None)
+
+
+def max_weights_bytes(cfg: ModelConfig, max_rank: int) -> int:
+    """The largest weights file an acceptable adapter can have: A and B of every module of every layer
+    at `max_rank`, 8 bytes an element (float64), plus 1 MiB for the names and header; at most
+    MAX_ADAPTER_BYTES."""
+    per_layer = sum(out + inp for out, inp in module_shapes(cfg).values())
+    return min(MAX_ADAPTER_BYTES, 8 * max_rank * per_layer * cfg.num_hidden_layers + 2**20)
+
+
+def _files(name: str, path: Path) -> tuple[Path, Path]:
+    """adapter_config.json and adapter_model.safetensors of the adapter directory `path`."""
+    if not path.is_dir():
+        raise AdapterError(f"adapter '{name}': {path} is not a directory")
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"adapter '{name}': no adapter_config.json in {path}")
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        pickled = [p for p in _PICKLES if (path / p).exists()]
+        if pickled:
+            raise AdapterError(
+                f"adapter '{name}': {pickled[0]} is a pickle, which ember never loads (it can run code); "
+                "save the adapter with safetensors (PEFT's default)"
+            )
+        raise AdapterError(f"adapter '{name}': no adapter_model.safetensors in {path}")
+    return config_file, weights_file
+
+
+def _read_config(name: str, config_file: Path) -> dict:
+    size = config_file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterError(
+            f"adapter '{name}': adapter_config.json is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed"
+        )
+    try:
+        # Read no more than the cap, even if the file grew since the stat.
+        with config_file.open("rb") as f:
+            config = json.loads(f.read(MAX_CONFIG_BYTES + 1).decode())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as exc:
+        raise AdapterError(f"adapter '{name}': cannot read adapter_config.json ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter '{name}': adapter_config.json must hold a JSON object")
+    return config
+
+
+def _regex_targets(name: str, pattern: str) -> list[str]:
+    """The module names a target_modules regex can mean, for regexes in the safe subset only."""
+    repeats = pattern.count("*") + pattern.count("+")
+    if len(pattern) > _MAX_REGEX_CHARS or repeats > _MAX_REGEX_REPEATS or not _SAFE_REGEX.fullmatch(pattern):
+        raise AdapterError(
+            f"adapter '{name}': target_modules regex {pattern[:80]!r} is not one ember accepts: use a list of "
+            "module names, or a regex of name characters, '\\.', '.', '.*', '\\d+' and groups of names "
+            f"such as '.*\\.(q_proj|v_proj)' (at most {_MAX_REGEX_REPEATS} of '.*' and '\\d+', "
+            f"{_MAX_REGEX_CHARS} characters)"
+        )
+    compiled = re.compile(pattern)  # the subset is always a valid regex
+    # The names it can mean on some layer (the tensors in the file then say which layers): in the subset,
+    # the slowest pattern takes ~50 ms over all of these.
+    return sorted(
+        m
+        for m in MODULES
+        if any(compiled.fullmatch(f"model.layers.{layer}.{HF_MODULES[m][0]}.{m}") for layer in range(64))
+    )
+
+
+def _check_config(name: str, config: dict, max_rank: int | None) -> tuple[int, float, set[str]]:
+    """rank, scaling and target module names; `max_rank` None: any rank (checked again when loaded)."""
+
     def refuse(why: str) -> AdapterError:
         return AdapterError(f"adapter '{name}': {why}")
 
@@ -108,7 +180,7 @@ def _check_config(name: str, config: dict, max_rank: int) -> tuple[int, float, s
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise refuse(f"r must be a positive integer (got {rank!r})")
-    if rank > max_rank:
+    if max_rank is not None and rank > max_rank:
         raise refuse(f"rank {rank} exceeds this server's maximum LoRA rank ({max_rank}; see --max-lora-rank)")
     alpha = config.get("lora_alpha", 8)  # PEFT's default
     if (
@@ -130,20 +202,10 @@ def _check_config(name: str, config: dict, max_rank: int) -> tuple[int, float, s
     if config.get("bias", "none") != "none":
         raise refuse(f"bias={config['bias']!r} is not supported (only 'none')")
     targets = config.get("target_modules")
-    if isinstance(targets, str):
-        # PEFT allows a regex, matched in full against module paths: take the module names it can mean
-        # (the tensors in the file then say which layers).
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise refuse(f"target_modules is not a valid regular expression ({exc})") from None
-        targets = sorted(
-            m
-            for m in MODULES
-            for layer in range(64)
-            for group in ("self_attn", "mlp")
-            if pattern.fullmatch(f"model.layers.{layer}.{group}.{m}")
-        )
+    if targets == "all-linear":  # PEFT's shorthand: every linear layer of the blocks
+        targets = list(MODULES)
+    elif isinstance(targets, str):
+        targets = _regex_targets(name, targets)
     if not targets or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise refuse("target_modules must be a non-empty list of module names (or a regex)")
     unknown = sorted({t.rsplit(".", 1)[-1] for t in targets} - set(MODULES))

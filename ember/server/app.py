@@ -8,6 +8,7 @@ the queue is full and 503 while loading, draining or after the engine died (both
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Router
 
 from ember.engine.async_engine import (
     AsyncEngine,
@@ -34,12 +36,17 @@ from ember.engine.async_engine import (
 from ember.engine.client import EngineState
 from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
+from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
 
 log = logging.getLogger(__name__)
 
+# Who may call a route, by the route the router matched (never by the path as written: the router also
+# matches '/v1/adapters\n'). Every other route takes an API key; /metrics is the operator's (see _Gate).
 PUBLIC_PATHS = ("/health", "/ready")  # reachable without an API key
+ADMIN_PATHS = ("/v1/adapters", "/v1/adapters/{name}")  # the admin key only
+METRICS_PATH = "/metrics"
 # What a refused adapter operation answers: status, code, the field at fault.
 _LORA_ERRORS = {
     ErrorKind.INVALID: (400, "invalid_adapter", "path"),
@@ -47,6 +54,7 @@ _LORA_ERRORS = {
     ErrorKind.CONFLICT: (409, "adapter_in_use", "name"),
 }
 RETRY_AFTER_S = {429: "1", 503: "5"}
+OUTSIDE_ROOTS = "the adapter path is not under any adapter root of this server (see --lora-root)"
 
 
 @dataclass
@@ -63,6 +71,19 @@ class ServerState:
     cache_secret: bytes = field(default_factory=lambda: os.urandom(32))
     admin_key: str | None = None  # guards /v1/adapters; None: adapters cannot be changed at runtime
     loading_adapters: bool = False  # the --lora adapters are still being loaded: not ready yet
+    # Where POST /v1/adapters may load from (real paths); a path outside every root is refused unread.
+    lora_roots: list[str] = field(default_factory=list)
+    # Adapters private to one key: name -> the owner's tenant id (see `tenant`). An adapter not listed is
+    # global: the --lora and admin-loaded ones are, and every key may use them.
+    adapter_owners: dict[str, str] = field(default_factory=dict)
+    metrics_public: bool = False  # /metrics without any key, like /health
+
+    def tenant(self, key: str | None) -> str | None:
+        """The owner id of a request made with `key` (as the gate accepted it): stable across restarts, so
+        a stored adapter can name its owner, and no key in it. None without a key."""
+        if key is None:
+            return None
+        return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def cache_salt(self, key: str | None) -> bytes | None:
         """The prefix-cache namespace of a request made with `key` (as the gate accepted it); None (one
@@ -74,6 +95,17 @@ class ServerState:
         shared = self.cache_namespaces.get(key)
         ident = f"namespace:{shared}" if shared is not None else f"key:{key}"
         return hmac.new(self.cache_secret, ident.encode(), hashlib.sha256).digest()
+
+
+def confined(path: str, roots: list[str]) -> str | None:
+    """`path` resolved (symlinks, '..') if it lies under one of `roots`, else None. Decided on the path's
+    text and the links on it, never by reading what is there."""
+    real = os.path.realpath(path)
+    for root in roots:
+        root = os.path.realpath(root)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return real
+    return None
 
 
 def bearer_key(header: str) -> str | None:
@@ -104,9 +136,9 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     state = state or ServerState()
     app = FastAPI(title="ember", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.ember = state
-    backend = EngineBackend(engine, model_name)
+    backend = EngineBackend(engine, model_name, state.adapter_owners)
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
-    app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests)
+    app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests, router=app.router)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -136,8 +168,8 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
         return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        cards = backend.model_cards()
+    async def models(request: Request) -> dict:
+        cards = backend.model_cards(_tenant(request))
         if embeddings is not None:
             cards[1:1] = embeddings.model_cards(backend.created)
         return {"object": "list", "data": cards}
@@ -148,28 +180,42 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
 
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterRequest) -> dict:
+        """Load an adapter, global (every key may use it), from a directory under a --lora-root."""
         if body.name == model_name or body.name in engine.adapters:
             raise _Refuse(409, f"a model or adapter named '{body.name}' already exists", "adapter_exists")
-        await engine.add_lora(body.name, body.path)
-        return backend.card(body.name, body.path)
+        path = confined(body.path, state.lora_roots)
+        if path is None:  # one answer whatever is or is not at that path: no file-system oracle
+            raise LoRAOpError(OUTSIDE_ROOTS, ErrorKind.INVALID)
+        try:  # the untrusted files are read and checked here, off the engine's step loop, first
+            await asyncio.to_thread(precheck, body.name, path)
+        except AdapterError as exc:
+            raise LoRAOpError(str(exc), ErrorKind.INVALID) from None
+        await engine.add_lora(body.name, path)
+        return backend.card(body.name, path)
 
     @app.delete("/v1/adapters/{name}")
     async def remove_adapter(name: str) -> dict:
         if name not in engine.adapters:
             raise _Refuse(404, f"no LoRA adapter named '{name}' is loaded", "model_not_found")
         await engine.remove_lora(name)
+        state.adapter_owners.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}
 
-    def _admit(name: str) -> str | None:
-        """The adapter a request's `model` names (None: the base model); 404 for anything else."""
+    def _tenant(request: Request) -> str | None:
+        return state.tenant(getattr(request.state, "api_key", None))
+
+    def _admit(name: str, request: Request) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 for anything else,
+        another key's private adapters included."""
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
-        target = backend.resolve(name)
+        tenant = _tenant(request)
+        target = backend.resolve(name, tenant)
         if target is not False:
             return target
         if embeddings is not None and name == embeddings.name:
             raise InvalidRequest(f"'{name}' is an embedding model; use /v1/embeddings", param="model")
-        known = ", ".join(backend.known())
+        known = ", ".join(backend.known(tenant))
         raise _Refuse(404, f"model '{name}' does not exist; available: {known}", "model_not_found")
 
     def _context(request: Request) -> RequestContext:
@@ -179,12 +225,12 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        target = _admit(body.model)
+        target = _admit(body.model, request)
         return _reply(await backend.chat(body, target, _context(request)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        target = _admit(body.model)
+        target = _admit(body.model, request)
         return _reply(await backend.complete(body, target, _context(request)))
 
     @app.post("/v1/embeddings")
@@ -272,13 +318,19 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 class _Gate:
-    """ASGI middleware (pure, so streaming and disconnects pass through untouched): API-key check on
-    every route but the public ones, and a count of responses by route and status."""
+    """ASGI middleware (pure, so streaming and disconnects pass through untouched): the key check, and a
+    count of responses by route and status.
 
-    def __init__(self, app, state: ServerState, counter: Counter):
+    Access is decided by the route the router will match (PUBLIC_PATHS: anyone; ADMIN_PATHS: the admin
+    key; /metrics: the admin key, or anyone on an open server or with --metrics-public; any other route,
+    matched or not: an API key when the server has any), and a path with control characters is refused
+    before any route is looked at."""
+
+    def __init__(self, app, state: ServerState, counter: Counter, router: Router):
         self.app = app
         self.state = state
         self.counter = counter
+        self.router = router
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -290,61 +342,82 @@ class _Gate:
                 status["code"] = message["status"]
             await send(message)
 
-        public = scope["path"] in PUBLIC_PATHS
+        if any(ch < " " or ch == "\x7f" for ch in scope["path"]):
+            response = _error(400, "the request path holds control characters", code="invalid_path")
+            await response(scope, receive, send_counted)
+            self.counter.labels("unmatched", "400").inc()
+            return
+        access = self._access(self._route(scope))
+        public = access == "public"
         if not public:
             self.state.in_flight += 1
         try:
-            if scope["path"] == "/v1/adapters" or scope["path"].startswith("/v1/adapters/"):
-                refusal = self._admin_refusal(scope)
-                if refusal is not None:
-                    await refusal(scope, receive, send_counted)
-                    return
-                await self.app(scope, receive, send_counted)
-                return
-            key = self._key(scope)
-            scope.setdefault("state", {})["api_key"] = key  # the handlers read it as request.state.api_key
-            if self.state.api_keys and not public and key is None:
-                response = _error(
-                    401,
-                    "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-                await response(scope, receive, send_counted)
-                return
-            await self.app(scope, receive, send_counted)
+            refusal = self._admin_refusal(scope, access) if access != "user" and not public else None
+            if access == "user":
+                key = self._key(scope)
+                scope.setdefault("state", {})["api_key"] = key  # the handlers read request.state.api_key
+                if self.state.api_keys and key is None:
+                    refusal = _error(
+                        401,
+                        "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
+                        code="invalid_api_key",
+                    )
+            await (self.app if refusal is None else refusal)(scope, receive, send_counted)
         finally:
             if not public:
                 self.state.in_flight -= 1
             route = scope.get("route")
             self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
 
-    def _admin_refusal(self, scope) -> JSONResponse | None:
+    def _route(self, scope) -> str | None:
+        """The path template of the route the router will take for this request (one that matches the
+        path but not the method counts: it answers 405), or None."""
+        partial = None
+        for route in self.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", None)
+            if match is Match.PARTIAL and partial is None:
+                partial = getattr(route, "path", None)
+        return partial
+
+    def _access(self, route: str | None) -> str:
+        """public, user, admin or metrics."""
+        if route in PUBLIC_PATHS:
+            return "public"
+        if route in ADMIN_PATHS:
+            return "admin"
+        if route == METRICS_PATH:
+            open_server = not self.state.api_keys and self.state.admin_key is None
+            return "public" if self.state.metrics_public or open_server else "metrics"
+        return "user"
+
+    def _admin_refusal(self, scope, access: str) -> JSONResponse | None:
         """None if the request carries the admin key; otherwise the 401 or 403 to answer."""
         admin = self.state.admin_key
+        metrics = access == "metrics"
         if admin is None:
-            return _error(
-                403,
-                "adapters cannot be changed at runtime: start the server with --admin-key",
-                code="admin_disabled",
-                kind="permission_error",
+            why = (
+                "server metrics are the operator's: start the server with --admin-key or --metrics-public"
+                if metrics
+                else "adapters cannot be changed at runtime: start the server with --admin-key"
             )
+            return _error(403, why, code="admin_disabled", kind="permission_error")
         key = _presented_key(scope)
         if key is not None and hmac.compare_digest(key.encode(), admin.encode()):
             return None
         if key is not None and any(
             hmac.compare_digest(key.encode(), k.encode()) for k in self.state.api_keys
         ):
+            what = "read server metrics" if metrics else "manage adapters"
             return _error(
                 403,
-                "this API key may not manage adapters; use the admin key",
+                f"this API key may not {what}; use the admin key",
                 code="forbidden",
                 kind="permission_error",
             )
-        return _error(
-            401,
-            "adapter management needs the admin key as 'Authorization: Bearer <key>'",
-            code="invalid_api_key",
-        )
+        what = "server metrics need" if metrics else "adapter management needs"
+        return _error(401, f"{what} the admin key as 'Authorization: Bearer <key>'", code="invalid_api_key")
 
     def _key(self, scope) -> str | None:
         """The configured API key this request presents, or None."""

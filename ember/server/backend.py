@@ -46,10 +46,11 @@ class Stream:
 
 
 class GenerationBackend(Protocol):
-    def model_cards(self) -> list[dict]: ...
+    def model_cards(self, tenant: str | None = None) -> list[dict]: ...
 
-    def resolve(self, model: str) -> str | None | bool:
-        """None: the base model; an adapter's name; False: not a model this backend serves."""
+    def resolve(self, model: str, tenant: str | None = None) -> str | None | bool:
+        """None: the base model; an adapter's name; False: not a model this backend serves to `tenant`
+        (the caller's owner id: ServerState.tenant)."""
         ...
 
     async def chat(
@@ -62,11 +63,16 @@ class GenerationBackend(Protocol):
 
 
 class EngineBackend:
-    """ember's own engine behind the routes, through an EngineClient: the base model and its adapters."""
+    """ember's own engine behind the routes, through an EngineClient: the base model and its adapters.
 
-    def __init__(self, engine: EngineClient, model_name: str):
+    Adapters are global (every key may use them) unless `owners` names an owner id for one: then only
+    requests of that tenant see it, in /v1/models and at request time; to any other it does not exist.
+    """
+
+    def __init__(self, engine: EngineClient, model_name: str, owners: dict[str, str] | None = None):
         self.engine = engine
         self.model_name = model_name
+        self.owners = owners if owners is not None else {}  # adapter name -> owner id; absent: global
         self.created = int(time.time())
 
     # -- models -------------------------------------------------------------------------------------
@@ -79,22 +85,27 @@ class EngineBackend:
             card["parent"] = self.model_name
         return card if path is None else {**card, "path": path}
 
-    def model_cards(self) -> list[dict]:
-        return [self.card(self.model_name)] + [self.card(n) for n in sorted(self.engine.adapters)]
+    def model_cards(self, tenant: str | None = None) -> list[dict]:
+        return [self.card(n) for n in self.known(tenant)]
 
-    def resolve(self, model: str) -> str | None | bool:
+    def visible(self, adapter: str, tenant: str | None) -> bool:
+        """Whether `tenant` may use this loaded adapter: a global one, or its own."""
+        owner = self.owners.get(adapter)
+        return adapter in self.engine.adapters and (owner is None or owner == tenant)
+
+    def resolve(self, model: str, tenant: str | None = None) -> str | None | bool:
         """Adapters answer to their own name or to BASE:NAME (adapter names have no ':'; a base's may)."""
         if model == self.model_name:
             return None
-        if model in self.engine.adapters:
+        if self.visible(model, tenant):
             return model
         base, sep, rest = model.rpartition(":")
-        if sep and base == self.model_name and rest in self.engine.adapters:
+        if sep and base == self.model_name and self.visible(rest, tenant):
             return rest
         return False
 
-    def known(self) -> list[str]:
-        return [self.model_name, *sorted(self.engine.adapters)]
+    def known(self, tenant: str | None = None) -> list[str]:
+        return [self.model_name, *(n for n in sorted(self.engine.adapters) if self.visible(n, tenant))]
 
     @property
     def state(self) -> EngineState:

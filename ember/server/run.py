@@ -108,15 +108,18 @@ def serve(config: EngineConfig, options: ServerConfig) -> int:
             f"--lora: '{options.served_model_name or config.model}' is the base model's own name"
         )
     shared = {key: name for name, keys in options.cache_namespaces.items() for key in keys}
+    keys = options.keys  # the flags', the key files' and the environment's
     state = ServerState(
-        api_keys=list(options.api_keys),
+        api_keys=keys.api,
         embedder=embedder,
         cache_namespaces=shared,
         loading_adapters=bool(options.loras),
-        admin_key=options.admin_key,
+        admin_key=keys.admin,
+        lora_roots=options.adapter_roots(),
+        metrics_public=options.metrics_public,
     )
     app = create_app(engine, options.served_model_name or config.model, state)
-    if not options.api_keys:
+    if not keys.api:
         log.warning(
             "no --api-key given: the API is open to anyone who can reach %s:%d", options.host, options.port
         )

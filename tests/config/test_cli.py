@@ -76,6 +76,8 @@ def test_print_config_then_config_prints_the_same_spec(tmp_path):
 
 
 def test_flags_reach_the_spec_through_their_aliases(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("k1\n")
     printed = _print(
         "--no-prefix-cache",
         "--kv-cache-memory",
@@ -84,8 +86,8 @@ def test_flags_reach_the_spec_through_their_aliases(tmp_path):
         "draft:tiny",
         "--draft-num-layers",
         "2",
-        "--api-key",
-        "k1",
+        "--api-key-file",
+        str(keys),
         "--lora",
         "sql=/a/sql",
         "-m",
@@ -97,7 +99,7 @@ def test_flags_reach_the_spec_through_their_aliases(tmp_path):
     assert spec.model == "some/model" and not spec.engine.cache.enable_prefix_caching
     assert spec.engine.cache.kv_cache_memory == 512 * 2**20
     assert (spec.engine.speculative.method, spec.engine.speculative.draft_model) == ("draft", "tiny")
-    assert spec.server.api_keys == ["k1"] and spec.server.loras == {"sql": "/a/sql"}
+    assert spec.server.keys.api == ["k1"] and spec.server.loras == {"sql": "/a/sql"}
     assert spec.engine.lora.enabled  # implied by --lora
     assert _print("--config", str(path)) == printed
 

@@ -21,9 +21,11 @@ def _ember() -> str:
 @pytest.mark.slow
 def test_a_printed_config_serves_the_same_deployment(default_model_dir, tmp_path):
     port = free_port()
+    (tmp_path / "keys").write_text("k1\n")  # a file, not a flag: --print-config hides keys it is given
     flags = [
         "--port", str(port), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB",
-        "--max-num-seqs", "3", "--embedding-model", "none", "--api-key", "k1", "--engine-mode", "thread",
+        "--max-num-seqs", "3", "--embedding-model", "none", "--api-key-file", str(tmp_path / "keys"),
+        "--engine-mode", "thread",
     ]  # fmt: skip
     printed = subprocess.run([_ember(), "serve", *flags, "--print-config"], capture_output=True, text=True)
     assert printed.returncode == 0, printed.stderr

@@ -224,8 +224,11 @@ def test_api_keys(server):
             bad.chat.completions.create(model=MODEL, messages=USER, max_tokens=2)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
-        for path in ("/metrics", "/v1/models", "/nope"):
+        for path in ("/v1/models", "/nope"):
             assert httpx.get(url + path).status_code == 401
+        assert (
+            httpx.get(url + "/metrics", headers={"Authorization": "Bearer k1"}).status_code == 403
+        )  # operator's
         assert httpx.get(url + "/health").status_code == 200
         assert httpx.get(url + "/ready").status_code == 200
 

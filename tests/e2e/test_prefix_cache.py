@@ -29,7 +29,9 @@ def tenants(default_model_dir):
         max_queue=64,
     )
     state = ServerState(
-        api_keys=list(KEYS.values()), cache_namespaces={KEYS["carol"]: "team", KEYS["dave"]: "team"}
+        api_keys=list(KEYS.values()),
+        cache_namespaces={KEYS["carol"]: "team", KEYS["dave"]: "team"},
+        metrics_public=True,
     )
     try:
         with running_server(engine, state) as url:

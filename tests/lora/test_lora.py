@@ -191,7 +191,7 @@ def test_bad_adapters_are_refused_and_change_nothing(adapters, random_model_dirs
         garbage: "cannot read adapter_model.safetensors",
         listed: "must hold a JSON object",
         numbers: "non-empty list of module names",
-        regex: "not a valid regular expression",
+        regex: "not one ember accepts",
         alpha: "lora_alpha must be a positive number",
         nan: "NaN or infinite",
         tmp_path / "nowhere": "not a directory",

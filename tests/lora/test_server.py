@@ -37,7 +37,7 @@ def lora_server(random_model_dirs, tmp_path_factory):
         ),
         mode="thread",
     )
-    state = ServerState(api_keys=["user-key"], admin_key="admin-key")
+    state = ServerState(api_keys=["user-key"], admin_key="admin-key", lora_roots=[str(root)])
     try:
         with running_server(engine, state) as url:
             yield url, engine, base_dir, root
@@ -78,7 +78,7 @@ def test_adapters_are_models_listed_with_their_base(lora_server):
     assert tokens(by_name) == want
     missing = _complete(url, "nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-    assert metric(url, 'ember:lora_requests_total{adapter="qv4"}', USER) >= 2
+    assert metric(url, 'ember:lora_requests_total{adapter="qv4"}', ADMIN) >= 2
 
 
 def test_only_the_admin_key_manages_adapters(lora_server, random_model_dirs):
