@@ -114,6 +114,7 @@ def serve(config: EngineConfig, options: ServerConfig) -> int:
         cache_namespaces=shared,
         loading_adapters=bool(options.loras),
         admin_key=options.admin_key,
+        allow_unknown_fields=options.allow_unknown_fields,
     )
     app = create_app(engine, options.served_model_name or config.model, state)
     if not options.api_keys:
