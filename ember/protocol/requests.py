@@ -53,7 +53,9 @@ def _prompt_shape(v: Any) -> Any:
 class _Body(BaseModel):
     """A request body: explicit nulls mean "use the default", as OpenAI treats them."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    # Extras are kept to be refused by name (or ignored, by the server's choice); the document says
+    # what a client may send.
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"additionalProperties": False})
 
     @model_validator(mode="before")
     @classmethod
