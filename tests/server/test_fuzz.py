@@ -61,7 +61,7 @@ def test_no_input_gets_a_5xx_or_a_hang(small_server, answer_before, mode):
                 statuses[response.status_code] += 1
                 case.validate_response(response, checks=[not_a_server_error, status_code_conformance])
             except Exception as exc:  # every operation is tried; all failures are reported together
-                failures.append(f"{operation.label}: {type(exc).__name__}: {str(exc)[:800]}")
+                failures.append(f"{case.operation.label}: {type(exc).__name__}: {str(exc)[:800]}")
 
         try:
             run()
