@@ -97,6 +97,7 @@ class _Sampling(_Body):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # ember's prefix cache needs no hint
     prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     # Beyond OpenAI, as vLLM accepts them.
     top_k: int = Field(default=-1, ge=-1)
     min_p: float = Field(default=0.0, ge=0, le=1)

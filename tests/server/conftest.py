@@ -14,7 +14,13 @@ MAX_MODEL_LEN = 256  # short, so that whatever a fuzzer asks for is answered in 
 
 
 @pytest.fixture(scope="session")
-def small_server(random_model_dirs):
+def small_state() -> ServerState:
+    """The server's state, for tests that flip a switch of it (and put it back)."""
+    return ServerState(embedder=EmbeddingModel.load("all-minilm-l6-v2"))
+
+
+@pytest.fixture(scope="session")
+def small_server(random_model_dirs, small_state):
     """(url, engine) of an open server that serves the random model as the default model's name."""
     engine = AsyncEngine(
         EngineConfig(
@@ -26,7 +32,7 @@ def small_server(random_model_dirs):
         max_queue=64,
     )
     try:
-        with running_server(engine, ServerState(embedder=EmbeddingModel.load("all-minilm-l6-v2"))) as url:
+        with running_server(engine, small_state) as url:
             yield url, engine
     finally:
         engine.shutdown()
