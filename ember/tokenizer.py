@@ -87,16 +87,24 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """Render `messages` (and `tools`, for templates that take them) with the model's chat template
-        and return the prompt's token ids."""
+        and return the prompt's token ids. `continue_final_message`: the last (assistant) message is left
+        open for the model to go on with; `template_kwargs`: more variables for the template."""
         if not self._hf.chat_template:
             raise ValueError(f"model {self.name} has no chat template; use generate() with a plain prompt")
         # Render to text, then encode: in transformers 5 `tokenize=True` returns a BatchEncoding rather than a
         # list. No special tokens are added on encode because templates that want a BOS write it themselves
         # (`{{ bos_token }}`); adding one here would double it.
         text = self._hf.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
         )
         return self.encode(text, add_special_tokens=False)
 

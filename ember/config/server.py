@@ -117,6 +117,11 @@ class ServerConfig:
         help="where the engine core steps: process (measured faster) or thread",
         choices=("process", "thread"),
     )
+    allow_unknown_fields: bool = setting(
+        False,
+        help="ignore request fields this server does not know (default: a 400 naming the field, as OpenAI "
+        "answers); for clients that send extras of their own",
+    )
     log_level: str = setting("info", help="log verbosity", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:

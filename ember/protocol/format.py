@@ -29,6 +29,32 @@ def usage(outs: list[RequestOutput]) -> dict:
     }
 
 
+def perf_metrics(outs: list[RequestOutput], started: float, first: float, ended: float) -> dict:
+    """Fireworks' perf_metrics (the names of its `fireworks-*` headers), from monotonic times in seconds:
+    when the request arrived, when its first token was out, when its last was."""
+    u = usage(outs)
+    decoding = ended - first
+    return {
+        "prompt-tokens": u["prompt_tokens"],
+        "cached-prompt-tokens": u["prompt_tokens_details"]["cached_tokens"],
+        "completion-tokens": u["completion_tokens"],
+        "server-time-to-first-token": round(first - started, 6),
+        "server-processing-time": round(ended - started, 6),
+        "tokens-per-second": round(u["completion_tokens"] / decoding, 3) if decoding > 0 else None,
+    }
+
+
+def raw_output(prompt_text: str, out: RequestOutput, c: CompletionOutput) -> dict:
+    """Fireworks' raw_output: the prompt and the completion as the model read and wrote them (chat
+    markup and tool-call blocks included)."""
+    return {
+        "prompt_fragments": [prompt_text],
+        "prompt_token_ids": list(out.prompt_token_ids),
+        "completion": c.text,
+        "completion_token_ids": list(c.token_ids),
+    }
+
+
 def envelope(rid: str, created: int, model: str, obj: str) -> dict:
     return {
         "id": rid,
@@ -126,13 +152,19 @@ class ChunkMaker:
         logprobs: LogprobFormatter | None,
         include_usage: bool,
         tool_mode: str | None = None,
+        echo: list[str] | None = None,
+        raw: list[str] | None = None,
     ):
+        """`echo`: per prompt, text that opens each of its choices; `raw`: per prompt, its text, for a
+        raw_output on each choice's last chunk."""
         self.base = base
         self.chat = chat
         self.n = n
         self.logprobs = logprobs
         self.include_usage = include_usage
         self.tool_mode = tool_mode
+        self.echo = echo
+        self.raw = raw
         self.calls: dict[int, tools.CallStream] = {}  # per choice, where tools are in play
         self.started: set[int] = set()
         self.done: set[int] = set()
@@ -157,8 +189,11 @@ class ChunkMaker:
                 else:
                     lp = self.logprobs.completion(c.delta_token_ids, entries, self.offsets.get(index, 0))
             reason = _reason(c) if c.finish_reason else None
+            text = c.delta_text
+            if self.echo is not None and index not in self.started:
+                text = self.echo[prompt_index] + text
             if self.chat:
-                delta = {"content": c.delta_text}
+                delta = {"content": text}
                 if self.tool_mode is not None:
                     stream = self.calls.setdefault(index, tools.CallStream(self.tool_mode != "auto"))
                     text, call_deltas = stream.feed(c.delta_text)
@@ -173,7 +208,9 @@ class ChunkMaker:
                     delta = {"role": "assistant", **delta}
                 choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
             else:
-                choice = {"index": index, "text": c.delta_text, "logprobs": lp, "finish_reason": reason}
+                choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
+            if self.raw is not None and c.finish_reason:
+                choice["raw_output"] = raw_output(self.raw[prompt_index], out, c)
             self.offsets[index] = self.offsets.get(index, 0) + len(c.delta_text)
             self.started.add(index)
             chunk = {**self.base, "choices": [choice]}

@@ -1,17 +1,22 @@
 """OpenAI request bodies, validated with pydantic, and their mapping onto SamplingParams.
 
-Fields OpenAI defines that ember does not serve yet are refused with a 400 that names them rather than
-silently ignored; fields nobody defines are ignored, as OpenAI-compatible servers commonly do.
+Validation is strict: a field takes the JSON type it is defined with ("yes" is not true, true is not the
+token id 1), except that an integer is a number (temperature 1). Fields OpenAI defines that ember does not
+serve, and fields nobody defines, are refused with a 400 that names them (ember/protocol/fields.py). Beyond
+OpenAI, the bodies take vLLM's sampling and structured-output fields and Fireworks' response options.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ember.errors import InvalidRequest
+from ember.protocol import fields
 from ember.protocol.chat import ChatMessage, NamedToolChoice, Tool
+from ember.protocol.constraints import GUIDED, GuidedOutputs, ResponseFormat
 from ember.sampling_params import SamplingParams
 from ember.structured_outputs import StructuredOutputs
 
@@ -22,14 +27,36 @@ MAX_EMBEDDING_INPUTS = 2048
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128
 
-# Defined by OpenAI, not served yet (the legacy `functions` are served as `tools`).
-_NOT_YET = ("functions", "function_call", "suffix", "audio")
+# Variables a chat template gets from ember itself; chat_template_kwargs may not replace them.
+_TEMPLATE_OWN = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template"}
+)
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _ids(v: Any) -> bool:
+    return isinstance(v, list) and all(type(x) is int for x in v)
+
+
+def _strs(v: Any) -> bool:
+    return isinstance(v, list) and all(type(x) is str for x in v)
+
+
+def _prompt_shape(v: Any) -> Any:
+    """The value, if it is one of the prompt shapes OpenAI takes (one message for the union, not one per
+    branch); a bool is not a token id."""
+    if isinstance(v, str) or _strs(v) or _ids(v) or (isinstance(v, list) and all(_ids(x) for x in v)):
+        return v
+    raise ValueError(f"must be {PROMPT_SHAPES}")
 
 
 class _Body(BaseModel):
     """A request body: explicit nulls mean "use the default", as OpenAI treats them."""
 
-    model_config = ConfigDict(extra="allow")
+    # Extras are kept to be refused by name (or ignored, by the server's choice); the document says
+    # what a client may send.
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra={"additionalProperties": False})
 
     @model_validator(mode="before")
     @classmethod
@@ -39,50 +66,14 @@ class _Body(BaseModel):
         defaults = {name: f.default for name, f in cls.model_fields.items()}
         return {k: v for k, v in data.items() if not (v is None and defaults.get(k) is not None)}
 
+    def check_supported(self, allow_unknown: bool = False) -> None:
+        """400 for what validation lets through but ember does not serve: see ember/protocol/fields.py."""
+        fields.check(self.model_extra or {}, allow_unknown)
+
 
 class StreamOptions(_Body):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
-
-
-class JSONSchemaFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    name: str = Field(default="response", max_length=64)
-    description: str | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(BaseModel):
-    """OpenAI's response_format, plus Fireworks' `grammar` type (a GBNF grammar) and its `json_object`
-    with a `schema`."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    type: Literal["text", "json_object", "json_schema", "grammar"]
-    json_schema: JSONSchemaFormat | None = None
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    grammar: str | None = None
-
-    @model_validator(mode="after")
-    def _fields_match_type(self):
-        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
-            raise ValueError("type 'json_schema' needs json_schema.schema")
-        if self.type == "grammar" and not self.grammar:
-            raise ValueError("type 'grammar' needs a non-empty 'grammar' (GBNF)")
-        if self.grammar is not None and self.type != "grammar":
-            raise ValueError("'grammar' is only allowed with type 'grammar'")
-        return self
-
-    def constraint(self) -> StructuredOutputs | None:
-        if self.type == "json_schema":
-            return StructuredOutputs(json=self.json_schema.schema_)
-        if self.type == "json_object":
-            return (
-                StructuredOutputs(json=self.schema_) if self.schema_ else StructuredOutputs(json_object=True)
-            )
-        if self.type == "grammar":
-            return StructuredOutputs(grammar=self.grammar)
-        return None
 
 
 class _Sampling(_Body):
@@ -96,18 +87,44 @@ class _Sampling(_Body):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    # Accepted and not acted on: they describe the caller or its account, not what is computed.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None  # ember's prefix cache needs no hint
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     # Beyond OpenAI, as vLLM accepts them.
     top_k: int = Field(default=-1, ge=-1)
     min_p: float = Field(default=0.0, ge=0, le=1)
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
-    # As Fireworks names it: the most prompt tokens taken from the prefix cache; 0 opts out of it.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: GuidedOutputs | None = None
+    # As Fireworks names them. prompt_cache_max_len: the most prompt tokens taken from the prefix cache
+    # (0 opts out of it); context_length_exceeded_behavior "truncate": max_tokens is lowered to what the
+    # context has room for instead of a 400; raw_output: the prompt and completion as the model saw them.
     prompt_cache_max_len: int | None = Field(default=None, ge=0)
-    response_format: ResponseFormat | None = None
+    context_length_exceeded_behavior: Literal["error", "truncate"] = "error"
+    perf_metrics_in_response: bool = False
+    raw_output: bool = False
+    echo: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str) or _strs(v):
+            return v
+        raise ValueError("must be a string or a list of strings")
 
     @field_validator("stop")
     @classmethod
@@ -138,17 +155,37 @@ class _Sampling(_Body):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
-    def check_supported(self) -> None:
-        extra = self.model_extra or {}
-        for name in _NOT_YET:
-            value = extra.get(name)
-            if value not in (None, [], {}):
-                hint = "; use 'tools' and 'tool_choice'" if name in ("functions", "function_call") else ""
-                raise InvalidRequest(f"'{name}' is not supported by this server{hint}", param=name)
+    def check_supported(self, allow_unknown: bool = False) -> None:
+        super().check_supported(allow_unknown)
+        self.structured()  # conflicting constraints are refused before any work
 
     def structured(self) -> StructuredOutputs | None:
-        """What response_format asks the output to be; None for free text."""
-        return None if self.response_format is None else self.response_format.constraint()
+        """What the output must be (response_format, vLLM's guided_* or structured_outputs); None for free
+        text. Two of them at once are refused: which should win is the client's to say."""
+        asked: dict[str, StructuredOutputs] = {}
+        if self.response_format is not None and (c := self.response_format.constraint()) is not None:
+            asked["response_format"] = c
+        for name, kind in GUIDED.items():
+            value = getattr(self, name)
+            if value is not None:
+                asked[name] = StructuredOutputs(**{kind: value})
+        if self.structured_outputs is not None:
+            asked["structured_outputs"] = self.structured_outputs.constraint()
+        if len(asked) > 1:
+            first, second = list(asked)[:2]
+            raise InvalidRequest(
+                f"'{first}' and '{second}' both constrain the output; send only one",
+                param=second,
+                code="conflicting_constraints",
+            )
+        return next(iter(asked.values()), None)
+
+    def constraint_field(self) -> str | None:
+        """The name of the field that asks for a constraint (response_format of type text asks none)."""
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        given = [n for n in (*GUIDED, "structured_outputs") if getattr(self, n) is not None]
+        return given[0] if given else None
 
     def sampling_params(self, default_max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         max_tokens = self._max_tokens() or default_max_tokens
@@ -191,6 +228,11 @@ class ChatCompletionRequest(_Sampling):
     # ember's (the Responses API's name): with parallel calls on, up to this many calls of any tools in one
     # turn; unset, each declared tool may be called once (so a small model cannot repeat a call forever).
     max_tool_calls: int | None = Field(default=None, ge=1, le=MAX_TOOL_CALLS)
+    modalities: list[Literal["text"]] | None = None  # this server writes text only
+    # The chat template's switches, as vLLM takes them.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs(self):
@@ -213,6 +255,33 @@ class ChatCompletionRequest(_Sampling):
             )
         return self
 
+    @model_validator(mode="after")
+    def _template(self):
+        if self.continue_final_message:
+            if self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+            self.add_generation_prompt = False  # continuing the last message opens no new one
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message needs the last message to be the assistant's")
+        for key in self.chat_template_kwargs or {}:
+            if key in _TEMPLATE_OWN or not _IDENTIFIER.match(key):
+                raise ValueError(
+                    f"chat_template_kwargs may not set '{key}': keys are template variable names other "
+                    f"than {', '.join(sorted(_TEMPLATE_OWN))}"
+                )
+        return self
+
+    def check_supported(self, allow_unknown: bool = False) -> None:
+        super().check_supported(allow_unknown)
+        asked = self.constraint_field()
+        if self.tool_mode() is not None and asked not in (None, "response_format"):
+            raise InvalidRequest(
+                f"'{asked}' cannot be combined with tools; use response_format, or tool_choice 'none'",
+                param=asked,
+            )
+        if self.echo and self.tool_mode() is not None:
+            raise InvalidRequest("'echo' cannot be combined with tools", param="echo")
+
     def tool_mode(self) -> str | None:
         """None (no tools in play), "auto", "required" or the one function's name."""
         if not self.tools or self.tool_choice == "none":
@@ -234,8 +303,12 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(_Sampling):
     prompt: Prompt
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
     best_of: int | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        return _prompt_shape(v)
 
     @field_validator("prompt")
     @classmethod
@@ -244,10 +317,13 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt must not be an empty list")
         return v
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo:
-            raise InvalidRequest("'echo' is not supported by this server yet", param="echo")
+    def check_supported(self, allow_unknown: bool = False) -> None:
+        super().check_supported(allow_unknown)
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest(
+                "'echo' with 'logprobs' needs the prompt's logprobs, which this server does not compute",
+                param="echo",
+            )
         if self.best_of not in (None, 1, self.n):
             raise InvalidRequest("'best_of' other than n is not supported", param="best_of")
 
@@ -267,6 +343,11 @@ class EmbeddingRequest(_Body):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, v: Any) -> Any:
+        return _prompt_shape(v)
 
     def inputs(self) -> list[str | list[int]]:
         v = self.input
@@ -291,6 +372,6 @@ class EmbeddingRequest(_Body):
 class AdapterRequest(BaseModel):
     """POST /v1/adapters: load a PEFT LoRA adapter from a directory on the server."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(min_length=1, max_length=128)
     path: str = Field(min_length=1)

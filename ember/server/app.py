@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
+from ember.server.openapi import install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,33 @@ _LORA_ERRORS = {
 }
 RETRY_AFTER_S = {429: "1", 503: "5"}
 OUTSIDE_ROOTS = "the adapter path is not under any adapter root of this server (see --lora-root)"
+# OpenAI's routes that ember does not serve (yet): a 404 that says so, not a bare "Not Found".
+NOT_IMPLEMENTED = (
+    "/v1/assistants",
+    "/v1/audio",
+    "/v1/batches",
+    "/v1/chatkit",
+    "/v1/containers",
+    "/v1/conversations",
+    "/v1/edits",
+    "/v1/engines",
+    "/v1/evals",
+    "/v1/files",
+    "/v1/fine-tunes",
+    "/v1/fine_tuning",
+    "/v1/images",
+    "/v1/moderations",
+    "/v1/organization",
+    "/v1/realtime",
+    "/v1/responses",
+    "/v1/threads",
+    "/v1/uploads",
+    "/v1/vector_stores",
+    "/v1/videos",
+)
+# The type tags pydantic puts in an error's location for a union's branches: `str`, `list[int]`,
+# `literal['auto']`, `function-after[...]`, a model's class name. The client named none of them.
+_UNION_TAG = re.compile(r"^([a-z-]+\[.*\]|str|int|float|bool|none|[A-Z][A-Za-z0-9]*)$")
 
 
 @dataclass
@@ -77,6 +106,7 @@ class ServerState:
     # global: the --lora and admin-loaded ones are, and every key may use them.
     adapter_owners: dict[str, str] = field(default_factory=dict)
     metrics_public: bool = False  # /metrics without any key, like /health
+    allow_unknown_fields: bool = False  # ignore request fields ember does not know, instead of a 400
 
     def tenant(self, key: str | None) -> str | None:
         """The owner id of a request made with `key` (as the gate accepted it): stable across restarts, so
@@ -140,6 +170,7 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests, router=app.router)
     _install_error_handlers(app)
+    install_openapi(app, PUBLIC_PATHS)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -173,6 +204,15 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
         if embeddings is not None:
             cards[1:1] = embeddings.model_cards(backend.created)
         return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict:
+        cards = (await models(request))["data"]
+        for card in cards:
+            if card["id"] == model_id:
+                return card
+        known = ", ".join(c["id"] for c in cards)
+        raise _Refuse(404, f"model '{model_id}' does not exist; available: {known}", "model_not_found")
 
     @app.get("/v1/adapters")
     async def list_adapters() -> dict:
@@ -225,16 +265,19 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
+        body.check_supported(state.allow_unknown_fields)
         target = _admit(body.model, request)
         return _reply(await backend.chat(body, target, _context(request)))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        body.check_supported(state.allow_unknown_fields)
         target = _admit(body.model, request)
         return _reply(await backend.complete(body, target, _context(request)))
 
     @app.post("/v1/embeddings")
     async def embed(body: EmbeddingRequest):
+        body.check_supported(state.allow_unknown_fields)
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if embeddings is None or body.model != embeddings.name:
@@ -258,14 +301,28 @@ class _Refuse(Exception):
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _bad_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        msg = first.get("msg", "invalid value")
-        if first.get("type") == "json_invalid":
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
             return _error(400, "the request body is not valid JSON", param=None, code="invalid_json")
+        paths = [_field_path(e.get("loc", ())) for e in errors]
+        # Of a union's branches, the one that got furthest into the value names the field best.
+        best = max(range(len(errors)), key=lambda i: paths[i][0])
+        first, where = errors[best], paths[best][1]
         if first.get("type") == "missing":
             return _error(400, f"'{where}' is required", param=where or None)
+        if first.get("type") == "extra_forbidden":
+            return _error(
+                400,
+                f"Unrecognized request argument supplied: '{where}'",
+                param=where,
+                code="unknown_parameter",
+            )
+        msgs: list[str] = []
+        for e, (_, path) in zip(errors, paths, strict=True):
+            msg = e.get("msg", "invalid value").removeprefix("Value error, ")
+            if path == where and msg not in msgs:
+                msgs.append(msg)
+        msg = " or ".join([msgs[0]] + [m.removeprefix("Input should be ") for m in msgs[1:]])
         return _error(400, f"'{where or 'body'}': {msg}", param=where or None)
 
     @app.exception_handler(ClientGone)
@@ -308,8 +365,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(503, str(exc), code="engine_dead", kind="server_error")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code != 404:
+            return _error(exc.status_code, str(exc.detail))
+        path = request.url.path
+        if any(path == p or path.startswith(p + "/") for p in NOT_IMPLEMENTED):
+            return _error(
+                404,
+                f"{request.method} {path} is part of the OpenAI API but not implemented in ember yet",
+                code="not_implemented",
+            )
+        return _error(
+            404,
+            f"unknown route {request.method} {path}; /openapi.json lists the routes",
+            code="unknown_route",
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -426,6 +496,23 @@ class _Gate:
             return None
         match = [k for k in self.state.api_keys if hmac.compare_digest(key.encode(), k.encode())]
         return match[0] if match else None
+
+
+def _field_path(loc: tuple) -> tuple[int, str]:
+    """(depth, the field as the client wrote it: `messages[0].content`) of a validation error's location,
+    without the `body` root and the union-branch tags."""
+    out, depth = "", 0
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _UNION_TAG.match(part):
+            continue
+        else:
+            out += ("." if out else "") + part
+        depth += 1
+    return depth, out
 
 
 def _presented_key(scope) -> str | None:

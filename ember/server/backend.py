@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -80,7 +81,14 @@ class EngineBackend:
     def card(self, name: str, path: str | None = None) -> dict:
         """As vLLM lists LoRA modules: an adapter is a model whose parent is the base. Where it lives on
         the server is for the admin's listing only."""
-        card = {"id": name, "object": "model", "created": self.created, "owned_by": "ember"}
+        info = getattr(self.engine, "info", None)  # None while the model loads
+        card = {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "ember",
+            "max_model_len": info.max_model_len if info is not None else None,
+        }
         if name != self.model_name:
             card["parent"] = self.model_name
         return card if path is None else {**card, "path": path}
@@ -116,22 +124,31 @@ class EngineBackend:
     async def chat(
         self, body: ChatCompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
-        body.check_supported()
+        started = time.monotonic()
         tokenizer = self.engine.tokenizer
         messages, tool_defs = tools.render(body, tokenizer.hf.chat_template)
         # Templates render off the event loop: a long history takes a while.
-        prompt_ids = await asyncio.to_thread(tokenizer.apply_chat_template, messages, True, tool_defs)
+        prompt_ids = await asyncio.to_thread(
+            tokenizer.apply_chat_template,
+            messages,
+            body.add_generation_prompt,
+            tool_defs,
+            body.continue_final_message,
+            body.chat_template_kwargs,
+        )
         top = body.requested_logprobs()
         params = body.sampling_params(None, top)
         params.structured = tools.constraint(body)
-        return await self._respond(body, [prompt_ids], params, True, top, target, ctx, body.tool_mode())
+        return await self._respond(
+            body, [prompt_ids], params, True, top, target, ctx, started, body.tool_mode()
+        )
 
     async def complete(
         self, body: CompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
-        body.check_supported()
+        started = time.monotonic()
         params = body.sampling_params(16, body.logprobs)
-        return await self._respond(body, body.prompts(), params, False, body.logprobs, target, ctx)
+        return await self._respond(body, body.prompts(), params, False, body.logprobs, target, ctx, started)
 
     async def _respond(
         self,
@@ -142,6 +159,7 @@ class EngineBackend:
         top: int | None,
         lora: str | None,
         ctx: RequestContext,
+        started: float,
         tool_mode: str | None = None,
     ) -> dict | Stream:
         engine = self.engine
@@ -157,11 +175,18 @@ class EngineBackend:
         created = int(time.time())
         ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
         cache_cap = body.prompt_cache_max_len
+        per_prompt = [params] * len(prompts)
+        if body.context_length_exceeded_behavior == "truncate" and params.max_tokens is not None:
+            prompts = [await self._ids(p) for p in prompts]
+            per_prompt = [self._fitted(params, len(p)) for p in prompts]
+        texts = None
+        if body.echo or body.raw_output:
+            texts = [p if isinstance(p, str) else self._text(p) for p in prompts]
         streams = [
             engine.generate(
-                p, params, request_id=i, cache_salt=ctx.cache_salt, max_cached_tokens=cache_cap, lora=lora
+                p, pp, request_id=i, cache_salt=ctx.cache_salt, max_cached_tokens=cache_cap, lora=lora
             )
-            for p, i in zip(prompts, ids, strict=True)
+            for p, pp, i in zip(prompts, per_prompt, ids, strict=True)
         ]
 
         def abort_all() -> None:
@@ -176,13 +201,29 @@ class EngineBackend:
             for s in streams:
                 await s.aclose()
             raise
+        first_at = time.monotonic()  # each prompt's first output carries its first token
+
+        def perf(outs: list[RequestOutput]) -> dict:
+            return fmt.perf_metrics(outs, started, first_at, time.monotonic())
+
         logprobs = fmt.LogprobFormatter(engine.tokenizer, top) if top is not None else None
         obj = "chat.completion" if chat else "text_completion"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             base = fmt.envelope(rid, created, body.model, obj + ".chunk" if chat else obj)
-            maker = fmt.ChunkMaker(base, chat, params.n, logprobs, include_usage, tool_mode)
-            return Stream(_chunks(firsts, streams, maker), abort_all)
+            maker = fmt.ChunkMaker(
+                base,
+                chat,
+                params.n,
+                logprobs,
+                include_usage,
+                tool_mode,
+                echo=texts if body.echo else None,
+                raw=texts if body.raw_output else None,
+            )
+            return Stream(
+                _chunks(firsts, streams, maker, perf if body.perf_metrics_in_response else None), abort_all
+            )
         try:
             outs = await _unless_disconnected(
                 ctx, asyncio.gather(*(_last(f, s) for f, s in zip(firsts, streams, strict=True)))
@@ -191,14 +232,51 @@ class EngineBackend:
             abort_all()
             raise
         if chat:
-            choices = [fmt.chat_choice(c, c.index, logprobs, tool_mode) for c in outs[0].outputs]
+            made = [
+                (0, o, c, fmt.chat_choice(c, c.index, logprobs, tool_mode)) for o in outs for c in o.outputs
+            ]
         else:
-            choices = [
-                fmt.completion_choice(c, i * params.n + c.index, logprobs)
+            made = [
+                (i, o, c, fmt.completion_choice(c, i * params.n + c.index, logprobs))
                 for i, o in enumerate(outs)
                 for c in o.outputs
             ]
-        return {**fmt.envelope(rid, created, body.model, obj), "choices": choices, "usage": fmt.usage(outs)}
+        for i, o, c, choice in made:
+            if body.echo:
+                if chat:
+                    choice["message"]["content"] = texts[i] + (choice["message"]["content"] or "")
+                else:
+                    choice["text"] = texts[i] + choice["text"]
+            if body.raw_output:
+                choice["raw_output"] = fmt.raw_output(texts[i], o, c)
+        answer = {
+            **fmt.envelope(rid, created, body.model, obj),
+            "choices": [choice for *_, choice in made],
+            "usage": fmt.usage(outs),
+        }
+        if body.perf_metrics_in_response:
+            answer["perf_metrics"] = perf(outs)
+        return answer
+
+    async def _ids(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids, as the engine would make them (strings tokenized off the event loop)."""
+        if isinstance(prompt, str):
+            return await asyncio.to_thread(self.engine.tokenizer.encode, prompt)
+        return prompt
+
+    def _text(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _fitted(self, params, prompt_len: int):
+        """Fireworks' context_length_exceeded_behavior "truncate": max_tokens lowered to the room the
+        context (and the KV pool) leaves after the prompt. A prompt that alone fills it is still refused."""
+        info = getattr(self.engine, "info", None)
+        if info is None:
+            return params
+        room = min(info.max_model_len, info.pool_tokens) - prompt_len
+        if room < 1 or params.max_tokens <= room:
+            return params
+        return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
 
 
 class EmbeddingBackend:
@@ -209,7 +287,8 @@ class EmbeddingBackend:
         self.name = model.name
 
     def model_cards(self, created: int) -> list[dict]:
-        return [{"id": self.name, "object": "model", "created": created, "owned_by": "ember"}]
+        card = {"id": self.name, "object": "model", "created": created, "owned_by": "ember"}
+        return [{**card, "max_model_len": self.model.max_input_tokens}]
 
     async def embed(self, body: EmbeddingRequest) -> dict:
         model = self.model
@@ -306,11 +385,27 @@ async def _merge(firsts: list[RequestOutput], streams: list[AsyncIterator[Reques
             await s.aclose()
 
 
-async def _chunks(firsts: list[RequestOutput], streams: list, maker: fmt.ChunkMaker) -> AsyncIterator[dict]:
+async def _chunks(
+    firsts: list[RequestOutput],
+    streams: list,
+    maker: fmt.ChunkMaker,
+    perf: Callable[[list[RequestOutput]], dict] | None = None,
+) -> AsyncIterator[dict]:
+    """The chunks of a stream; with `perf`, its perf_metrics ride on the last choice chunk (the one with
+    the final finish_reason), as Fireworks sends them, so each chunk waits for the next."""
     last = list(firsts)
+    held: dict | None = None
     async for i, out in _merge(firsts, streams):
         last[i] = out
         for chunk in maker.chunks(i, out):
-            yield chunk
+            if perf is None:
+                yield chunk
+                continue
+            if held is not None:
+                yield held
+            held = chunk
+    if held is not None:
+        held["perf_metrics"] = perf(last)
+        yield held
     if maker.include_usage:
         yield maker.usage_chunk(last)

@@ -117,6 +117,7 @@ def serve(config: EngineConfig, options: ServerConfig) -> int:
         admin_key=keys.admin,
         lora_roots=options.adapter_roots(),
         metrics_public=options.metrics_public,
+        allow_unknown_fields=options.allow_unknown_fields,
     )
     app = create_app(engine, options.served_model_name or config.model, state)
     if not keys.api:

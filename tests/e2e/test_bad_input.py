@@ -117,7 +117,47 @@ CASES = [
         "encoding_format",
         "encoding_format",
     ),
-    ("unknown route", "/v1/nothing", {}, 404, "Not Found", None),
+    ("unknown route", "/v1/nothing", {}, 404, "unknown route", None),
+    # JSON types as sent: nothing is coerced.
+    ("logprobs a string", CHAT, {**GOOD, "logprobs": "yes"}, 400, "boolean", "logprobs"),
+    ("stream a string", CHAT, {**GOOD, "stream": "yes"}, 400, "boolean", "stream"),
+    ("max_tokens a string", CHAT, {**GOOD, "max_tokens": "8"}, 400, "integer", "max_tokens"),
+    (
+        "bools as token ids",
+        "/v1/completions",
+        {"model": MODEL, "prompt": [True, False]},
+        400,
+        "token ids",
+        "prompt",
+    ),
+    # The field as the client named it, without pydantic's union-branch tags.
+    ("stop a number", CHAT, {**GOOD, "stop": 5}, 400, "stop", "stop"),
+    (
+        "embedding input of bools",
+        "/v1/embeddings",
+        {"model": "all-minilm-l6-v2", "input": [True]},
+        400,
+        "input",
+        "input",
+    ),
+    ("unknown field", CHAT, {**GOOD, "temprature": 0}, 400, "temprature", "temprature"),
+    (
+        "OpenAI field not served",
+        CHAT,
+        {**GOOD, "prediction": {"type": "content", "content": "x"}},
+        400,
+        "prediction",
+        "prediction",
+    ),
+    (
+        "two constraints",
+        CHAT,
+        {**GOOD, "guided_regex": "a+", "response_format": {"type": "json_object"}},
+        400,
+        "guided_regex",
+        "guided_regex",
+    ),
+    ("OpenAI route not served", "/v1/responses", {}, 404, "not implemented in ember", None),
 ]
 
 

@@ -258,3 +258,22 @@ def test_overload_gets_429_with_retry_after_and_admitted_requests_complete(defau
             assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
     finally:
         engine.shutdown()
+
+
+def test_models_retrieve_and_the_vllm_and_fireworks_extras(client):
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_extra["max_model_len"] > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-9")
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"guided_choice": ["Paris", "London"], "perf_metrics_in_response": True},
+    )
+    assert r.choices[0].message.content in ("Paris", "London")
+    assert r.model_extra["perf_metrics"]["completion-tokens"] == r.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=USER, extra_body={"frobnicate": 1})
+    assert err.value.code == "unknown_parameter" and err.value.param == "frobnicate"
