@@ -157,11 +157,20 @@ def serve(
     if print_config:
         sys.stdout.write(spec.dump())
         return
-    from ember.server.run import serve as run_server
+    from ember.server.startup import StartupError, bind
 
     logging.basicConfig(level=spec.server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        code = run_server(spec.engine, spec.server)
+        sock = bind(
+            spec.server.host, spec.server.port
+        )  # before the heavy imports: a taken port fails at once
+    except StartupError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    from ember.server.run import serve as run_server
+
+    try:
+        code = run_server(spec.engine, spec.server, sock)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc

@@ -55,6 +55,10 @@ class EngineClient(Protocol):
     @property
     def num_unfinished(self) -> int: ...
 
+    def stalled_for(self) -> float:
+        """Seconds the core has had work without reporting a step (0 while idle): health's heartbeat."""
+        ...
+
     async def wait_ready(self) -> None: ...
 
     # generate(prompt, params=None, request_id=None, *, cache_salt=None, max_cached_tokens=None, lora=None):
