@@ -105,6 +105,21 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def http_config(app, options: ServerConfig) -> uvicorn.Config:
+    """uvicorn's settings for `app`: the listener, and the connection limits (ember.server.connections)."""
+    return uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=5,
+        http=limited_protocol(options.header_timeout, options.max_connections),
+        # Past this many connections or requests in flight uvicorn answers 503 (the protocol closes
+        # connections past max_connections outright, before they send anything).
+        limit_concurrency=options.max_connections,
+    )
+
+
 def serve(config: EngineConfig, options: ServerConfig, sock: socket.socket | None = None) -> int:
     """Run until drained; the exit code: 0 after a clean drain, 1 if the engine failed. `sock`: the
     listening socket, bound already (startup.bind); else bound here."""
@@ -150,15 +165,7 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         log.warning(
             "no --api-key given: the API is open to anyone who can reach %s:%d", options.host, options.port
         )
-    uv = uvicorn.Config(
-        app,
-        host=options.host,
-        port=options.port,
-        log_level=options.log_level,
-        timeout_graceful_shutdown=5,
-        http=limited_protocol(options.header_timeout, options.max_connections),
-        limit_concurrency=options.max_connections,
-    )
+    uv = http_config(app, options)
     url = startup.url_of(sock)
 
     def ready() -> None:
