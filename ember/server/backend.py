@@ -106,6 +106,8 @@ class EngineBackend:
         self, body: ChatCompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
         body.check_supported()
+        if self.engine.inputs is not None:  # bound the text before the template and tokenizer read it all
+            self.engine.inputs.check_text_length(_content_chars(body), param="messages")
         tokenizer = self.engine.tokenizer
         messages, tool_defs = tools.render(body, tokenizer.hf.chat_template)
         # Templates render off the event loop: a long history takes a while.
@@ -188,6 +190,17 @@ class EngineBackend:
                 for c in o.outputs
             ]
         return {**fmt.envelope(rid, created, body.model, obj), "choices": choices, "usage": fmt.usage(outs)}
+
+
+def _content_chars(body: ChatCompletionRequest) -> int:
+    """Characters of message content: all of them reach the prompt (so this never over-counts it)."""
+    total = 0
+    for m in body.messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
 
 
 class EmbeddingBackend:
