@@ -3,7 +3,8 @@
 
 Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
 field (never FastAPI's 422), 401 for a missing or wrong key, 404 for an unknown model or route, 429 when
-the queue is full and 503 while loading, draining or after the engine died (both with Retry-After).
+the queue is full and 503 while loading, draining, stalled or after the engine died (both with
+Retry-After); 413 and 408 for a body too large or too slow (ember.server.middleware, before any route).
 """
 
 from __future__ import annotations
