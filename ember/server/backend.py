@@ -125,6 +125,8 @@ class EngineBackend:
         self, body: ChatCompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
         started = time.monotonic()
+        if self.engine.inputs is not None:  # bound the text before the template and tokenizer read it all
+            self.engine.inputs.check_text_length(_content_chars(body), param="messages")
         tokenizer = self.engine.tokenizer
         messages, tool_defs = tools.render(body, tokenizer.hf.chat_template)
         # Templates render off the event loop: a long history takes a while.
@@ -277,6 +279,17 @@ class EngineBackend:
         if room < 1 or params.max_tokens <= room:
             return params
         return dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+
+
+def _content_chars(body: ChatCompletionRequest) -> int:
+    """Characters of message content: all of them reach the prompt (so this never over-counts it)."""
+    total = 0
+    for m in body.messages:
+        if isinstance(m.content, str):
+            total += len(m.content)
+        elif m.content:
+            total += sum(len(p.text or "") for p in m.content)
+    return total
 
 
 class EmbeddingBackend:

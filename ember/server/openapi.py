@@ -30,7 +30,9 @@ _WHY = {
     401: "a missing or wrong API key",
     403: "this key may not do this",
     404: "no such model",
+    408: "the body did not arrive within --body-timeout",
     409: "an adapter of that name exists, or the adapter is in use",
+    413: "the body is larger than --max-request-bytes",
     429: "the queue is full (Retry-After)",
     503: "loading, draining or the engine stopped (Retry-After)",
 }
@@ -77,6 +79,8 @@ def rewrite(doc: dict, public: tuple[str, ...]) -> None:
             statuses = set(_STATUSES.get((method, path), ()))
             if "requestBody" in op or "{" in path:  # a bad body, or a path parameter with control characters
                 statuses.add(400)
+            if "requestBody" in op:  # refused before it is read: too large, or too slow to arrive
+                statuses.update((408, 413))
             if path not in public:
                 statuses.add(401)
                 op["security"] = [{"bearer": []}, {}]  # {}: a server started without keys is open

@@ -10,14 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
+from collections.abc import Callable
 
 import uvicorn
 
 from ember.config import EngineConfig, ServerConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.client import EngineState
+from ember.models.catalog import describe_source
+from ember.server import startup
 from ember.server.app import ServerState, create_app
+from ember.server.connections import limited_protocol
 
 log = logging.getLogger("ember.serve")
 
@@ -35,12 +40,14 @@ class DrainingServer(uvicorn.Server):
         state: ServerState,
         shutdown_timeout: float,
         loras: dict[str, str] | None = None,
+        on_ready: Callable[[], None] | None = None,
     ):
         super().__init__(config)
         self.engine = engine
         self.state = state
         self.shutdown_timeout = shutdown_timeout
         self.loras = loras or {}
+        self.on_ready = on_ready
         self.failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -88,25 +95,63 @@ class DrainingServer(uvicorn.Server):
                 await self.engine.add_lora(name, path)
                 log.info("LoRA adapter '%s' loaded from %s", name, path)
             self.state.loading_adapters = False
-            log.info("engine ready")
+            while not self.started:  # the listener too, before saying "ready on"
+                await asyncio.sleep(0.05)
+            if self.on_ready is not None:
+                self.on_ready()
         except Exception as exc:
             log.error("%s", exc)
             self.failed = True
             self.should_exit = True
 
 
-def serve(config: EngineConfig, options: ServerConfig) -> int:
-    """Run until drained; the exit code: 0 after a clean drain, 1 if the engine failed."""
+def http_config(app, options: ServerConfig) -> uvicorn.Config:
+    """uvicorn's settings for `app`: the listener, and the connection limits (ember.server.connections)."""
+    return uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level=options.log_level,
+        timeout_graceful_shutdown=5,
+        http=limited_protocol(options.header_timeout, options.max_connections),
+        # Past this many connections or requests in flight uvicorn answers 503 (the protocol closes
+        # connections past max_connections outright, before they send anything).
+        limit_concurrency=options.max_connections,
+    )
+
+
+def serve(config: EngineConfig, options: ServerConfig, sock: socket.socket | None = None) -> int:
+    """Run until drained; the exit code: 0 after a clean drain, 1 if the engine failed. `sock`: the
+    listening socket, bound already (startup.bind); else bound here."""
+    # What can fail fast fails before the model loads: the port, the device.
+    sock = sock or startup.bind(options.host, options.port)
+    try:
+        startup.check_device(config.device)
+        if (options.served_model_name or config.model) in options.loras:
+            raise ValueError(
+                f"--lora: '{options.served_model_name or config.model}' is the base model's own name"
+            )
+        return _serve(config, options, sock)
+    finally:
+        sock.close()
+
+
+def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> int:
+    served = options.served_model_name or config.model
+    log.info(
+        "loading %s (%s) on %s, engine core in a %s",
+        served,
+        describe_source(config.model),
+        config.device,
+        options.engine_mode,
+    )
     engine = AsyncEngine(config, mode=options.engine_mode, max_queue=options.max_queue, wait_ready=False)
     embedder = None
     if options.embedding_model:
         from ember.embeddings import EmbeddingModel
 
+        log.info("loading embedding model %s", options.embedding_model)
         embedder = EmbeddingModel.load(options.embedding_model)
-    if (options.served_model_name or config.model) in options.loras:
-        raise ValueError(
-            f"--lora: '{options.served_model_name or config.model}' is the base model's own name"
-        )
     shared = {key: name for name, keys in options.cache_namespaces.items() for key in keys}
     keys = options.keys  # the flags', the key files' and the environment's
     state = ServerState(
@@ -119,21 +164,22 @@ def serve(config: EngineConfig, options: ServerConfig) -> int:
         metrics_public=options.metrics_public,
         allow_unknown_fields=options.allow_unknown_fields,
     )
-    app = create_app(engine, options.served_model_name or config.model, state)
+    app = create_app(engine, served, state, options)
     if not keys.api:
         log.warning(
             "no --api-key given: the API is open to anyone who can reach %s:%d", options.host, options.port
         )
-    uv = uvicorn.Config(
-        app,
-        host=options.host,
-        port=options.port,
-        log_level=options.log_level,
-        timeout_graceful_shutdown=5,
-    )
-    server = DrainingServer(uv, engine, state, options.shutdown_timeout, options.loras)
+    uv = http_config(app, options)
+    url = startup.url_of(sock)
+
+    def ready() -> None:
+        for line in startup.summary(config, options, engine.info, served, url):
+            log.info("%s", line)
+
+    server = DrainingServer(uv, engine, state, options.shutdown_timeout, options.loras, on_ready=ready)
+    log.info("waiting for the engine to load the model (the HTTP API answers /health meanwhile)")
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         engine.shutdown()
     failed = engine.state is EngineState.FAILED

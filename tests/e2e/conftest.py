@@ -12,8 +12,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from ember import AsyncEngine, CacheConfig, EngineConfig, SchedulerConfig
+from ember.config import ServerConfig
 from ember.embeddings import EmbeddingModel
 from ember.server.app import ServerState, create_app
 
@@ -37,10 +39,14 @@ def wait_until(url: str, path: str = "/ready", timeout: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
-def running_server(engine: AsyncEngine, state: ServerState | None = None) -> Iterator[str]:
+def running_server(
+    engine: AsyncEngine, state: ServerState | None = None, options: ServerConfig | None = None
+) -> Iterator[str]:
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, MODEL, state), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(engine, MODEL, state, options), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -53,11 +59,22 @@ def running_server(engine: AsyncEngine, state: ServerState | None = None) -> Ite
         thread.join(timeout=10)
 
 
-def metric(url: str, name: str, headers: dict | None = None) -> float:
+def metric(url: str, name: str, headers: dict | None = None, default: float | None = None) -> float:
+    """The value of series `name` (`ember:x` or `ember:x{label="v"}`): the one sample with that name whose
+    labels include the ones given (every series also carries `model_name`); `default` if there is none."""
     text = httpx.get(url + "/metrics", headers=headers).text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    base, _, labels = name.partition("{")
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    found = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == base and want.items() <= s.labels.items()
+    ]
+    if not found and default is not None:
+        return default
+    assert len(found) == 1, f"{name}: {len(found)} matching series in /metrics"
+    return found[0]
 
 
 def wait_idle(url: str, headers: dict | None = None, timeout: float = 30.0) -> None:

@@ -253,13 +253,13 @@ def test_requests_that_finish_are_not_counted_as_aborted(server):
     url, _ = server
     wait_idle(url)
     name = 'ember:request_success_total{finished_reason="abort"}'
-    before = metric(url, name) if name in httpx.get(url + "/metrics").text else 0.0
+    before = metric(url, name, default=0.0)
     for stream in (False, True):
         body = {"model": MODEL, "prompt": ["Hi", "Hello"], "n": 2, "max_tokens": 5, "stream": stream}
         r = httpx.post(url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200
     wait_idle(url)
-    after = metric(url, name) if name in httpx.get(url + "/metrics").text else 0.0
+    after = metric(url, name, default=0.0)
     assert after == before
 
 
@@ -281,3 +281,31 @@ def test_client_that_hangs_up_while_queued_is_dropped_from_the_queue(default_mod
             wait_idle(url)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "word " * 2_000_000}]}),
+        ("/v1/completions", {"model": MODEL, "prompt": "word " * 2_000_000, "max_tokens": 1}),
+    ],
+)
+def test_prompt_text_past_any_context_is_refused_without_tokenizing_it(server, path, body):
+    """10 MB of text, under the body limit: refused from its length at once, not after seconds of
+    tokenizing; the server answers the next request as before."""
+    url, _ = server
+    t0 = time.monotonic()
+    r = httpx.post(url + path, json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert time.monotonic() - t0 < 5
+    assert httpx.post(url + CHAT, json={**GOOD, "max_tokens": 2}, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+def test_a_body_past_the_limit_is_refused_with_413(server):
+    url, _ = server
+    r = httpx.post(url + CHAT, content=b'{"model": "' + b"x" * (17 << 20) + b'"}', timeout=60)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"

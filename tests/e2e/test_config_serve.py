@@ -52,3 +52,8 @@ def test_a_printed_config_serves_the_same_deployment(default_model_dir, tmp_path
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+    log = (tmp_path / "serve.log").read_text()
+    # the start-up report: what is served and with how much room, then where
+    assert "model: tiny (catalog: " in log, log
+    assert "KV cache: " in log and "context length: " in log
+    assert f"ready on http://127.0.0.1:{port}" in log

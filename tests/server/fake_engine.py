@@ -17,6 +17,10 @@ class FakeEngine:
         self.error: str | None = None
         self.tokenizer = None
         self.max_pending = None
+        self.inputs = None  # no text-length bound before the template
+
+    def stalled_for(self) -> float:
+        return 0.0  # never wedged
 
     @property
     def state(self) -> EngineState:

@@ -92,7 +92,7 @@ def save_results(results: Sequence[BenchResult], out: Path) -> list[Path]:
     path.write_text(json.dumps({"version": RESULTS_VERSION, "runs": runs}, indent=1))
     written.append(path)
     written.append(plot_latency_cdfs([(run_label(r), r) for r in results], out / "latency_cdf.png"))
-    if len(results) > 1 and any(r.config.max_concurrency is not None for r in results):
+    if any(r.config.max_concurrency is not None for r in results):  # one capped run makes a point too
         model = results[0].config.model
         written.append(
             plot_throughput_vs_concurrency([(model, results)], out / "throughput_vs_concurrency.png")
