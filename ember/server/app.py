@@ -36,6 +36,7 @@ from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
+from ember.server.middleware import AnswerErrors
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def create_app(engine: AsyncEngine, model_name: str, state: ServerState | None =
     backend = EngineBackend(engine, model_name)
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests)
+    app.add_middleware(AnswerErrors, respond=_unexpected)
     _install_error_handlers(app)
 
     @app.get("/health")
@@ -265,10 +267,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+def _unexpected(exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
 class _Gate:

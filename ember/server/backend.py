@@ -22,6 +22,7 @@ from ember.outputs import RequestOutput
 from ember.protocol import format as fmt
 from ember.protocol import tools
 from ember.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ember.protocol.text import check_text
 
 
 class ClientGone(Exception):
@@ -105,6 +106,7 @@ class EngineBackend:
     async def chat(
         self, body: ChatCompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
+        check_text(body)
         body.check_supported()
         tokenizer = self.engine.tokenizer
         messages, tool_defs = tools.render(body, tokenizer.hf.chat_template)
@@ -118,6 +120,7 @@ class EngineBackend:
     async def complete(
         self, body: CompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
+        check_text(body)
         body.check_supported()
         params = body.sampling_params(16, body.logprobs)
         return await self._respond(body, body.prompts(), params, False, body.logprobs, target, ctx)
@@ -201,6 +204,7 @@ class EmbeddingBackend:
         return [{"id": self.name, "object": "model", "created": created, "owned_by": "ember"}]
 
     async def embed(self, body: EmbeddingRequest) -> dict:
+        check_text(body)
         model = self.model
         if body.dimensions is not None and body.dimensions != model.dim:
             raise InvalidRequest(
