@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
+import os
+import select
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from ember.errors import InvalidRequest
 from ember.structured_outputs import StructuredOutputs, explain_error
@@ -33,7 +37,6 @@ class GrammarChecker:
         self.timeout_s = timeout_s
         self.max_workers = max_workers
         self.max_cached = max_cached
-        self._ctx = multiprocessing.get_context("spawn")
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._live = 0  # workers started and not yet closed (idle or busy)
@@ -59,23 +62,24 @@ class GrammarChecker:
     def _run(self, key: tuple[str, str]) -> tuple:
         worker = self._acquire()
         try:
-            worker.conn.send(key)
-            if not worker.conn.poll(self.timeout_s):
+            verdict = worker.ask(key, self.timeout_s)
+            if verdict is None:
                 log.warning("a grammar took over %.0f s to compile: refused", self.timeout_s)
-                worker.close()
-                worker = None
                 why = f"the grammar is too complex: compiling it took over {self.timeout_s:.0f} s"
-                return ("refused", why, "response_format", "grammar_too_complex")
-            return worker.conn.recv()
-        except (EOFError, OSError):  # the worker died under it: a crash in the grammar library
+        except (EOFError, OSError, ValueError):  # the worker died under it: a crash in the grammar library
             log.warning("compiling a grammar crashed the grammar checker: refused")
-            if worker is not None:
-                worker.close()
-                worker = None
+            verdict = None
             why = "the grammar is too complex: the grammar compiler failed on it"
+        except BaseException:
+            worker.close()
+            self._release(None)
+            raise
+        if verdict is None:
+            worker.close()
+            self._release(None)
             return ("refused", why, "response_format", "grammar_too_complex")
-        finally:
-            self._release(worker)
+        self._release(worker)
+        return verdict
 
     def _acquire(self) -> _Worker:
         with self._cond:
@@ -87,7 +91,7 @@ class GrammarChecker:
                 return self._idle.pop()
             self._live += 1
         try:
-            return _Worker(self._ctx)
+            return _Worker()
         except BaseException:
             with self._cond:
                 self._live -= 1
@@ -117,41 +121,62 @@ class GrammarChecker:
 
 
 class _Worker:
-    def __init__(self, ctx):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), name="ember-grammar-check", daemon=True)
-        self.proc.start()
-        child.close()
+    """`python -m ember.grammar_check`, one JSON line each way. A plain subprocess rather than
+    multiprocessing's spawn, which would import the caller's main module again (an offline script
+    without a `__main__` guard would run twice)."""
+
+    def __init__(self):
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)  # where this ember is imported from
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ember.grammar_check"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            encoding="utf-8",
+        )
+
+    def ask(self, key: tuple[str, str], timeout_s: float) -> tuple | None:
+        """The worker's verdict; None past the deadline. EOFError or OSError if the worker died."""
+        self.proc.stdin.write(json.dumps(key) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("the grammar worker exited")
+        return tuple(json.loads(line))
 
     def close(self) -> None:
-        self.conn.close()
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.join()
-        self.proc.close()
+        self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
 
 
-def _serve(conn) -> None:
-    """The worker's loop: (kind, text) in; ("ok", grammar) or ("refused", message, param, code) out."""
+def _serve() -> None:
+    """The worker's loop: [kind, text] in; ["ok", grammar] or ["refused", message, param, code] out."""
     import llguidance
 
-    while True:
+    for line in sys.stdin:
         try:
-            kind, text = conn.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            return
-        try:
+            kind, text = json.loads(line)
             grammar = _structured(kind, text).grammar_text()
             is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
             if is_error:
-                reply = ("refused", explain_error("\n".join(messages)), "response_format", None)
+                reply = ["refused", explain_error("\n".join(messages)), "response_format", None]
             else:
-                reply = ("ok", grammar)
+                reply = ["ok", grammar]
         except InvalidRequest as exc:
-            reply = ("refused", str(exc), exc.param, exc.code)
+            reply = ["refused", str(exc), exc.param, exc.code]
         except Exception as exc:  # RecursionError, MemoryError: this input is past what can be compiled
-            reply = ("refused", f"the grammar is too complex: {type(exc).__name__}", "response_format", None)
-        conn.send(reply)
+            reply = ["refused", f"the grammar is too complex: {type(exc).__name__}", "response_format", None]
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
 
 
 def _structured(kind: str, text: str) -> StructuredOutputs:
@@ -162,3 +187,7 @@ def _structured(kind: str, text: str) -> StructuredOutputs:
     if kind == "choice":
         return StructuredOutputs(choice=json.loads(text))
     return StructuredOutputs(**{kind: text})
+
+
+if __name__ == "__main__":
+    _serve()
