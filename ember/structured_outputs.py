@@ -8,14 +8,14 @@ one llguidance grammar string that the engine compiles (ember/engine/structured.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ember import grammar_limits as limits
 from ember.errors import InvalidRequest
 
 # JSON is generated compactly but readably, with no free whitespace: a small model given "any
 # whitespace" can spend its whole budget on newlines. A schema's own "x-guidance" options still win.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_MAX_GRAMMAR_CHARS = 1_000_000
 
 
 @dataclass
@@ -27,6 +27,8 @@ class StructuredOutputs:
     grammar: str | None = None  # a GBNF (llama.cpp) or Lark (llguidance) grammar
     regex: str | None = None
     choice: list[str] | None = None
+    # The llguidance grammar, once made (a checker in the client process leaves it here for the engine).
+    _grammar: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         given = [
@@ -38,8 +40,43 @@ class StructuredOutputs:
                 f"(got {', '.join(given) or 'none'})"
             )
 
+    def checked_key(self) -> tuple[str, str]:
+        """(kind, text) of the constraint, once it passes the structural limits (ember/grammar_limits.py):
+        what a grammar checker compiles and caches by. InvalidRequest names the limit it goes past."""
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except RecursionError:
+                    limits.refuse_depth("response_format")
+                except ValueError as exc:
+                    raise InvalidRequest(
+                        f"the JSON schema is not JSON: {exc}", param="response_format"
+                    ) from None
+            limits.check_schema(schema)
+            return "json", json.dumps(schema)
+        if self.json_object:
+            return "json_object", ""
+        if self.grammar is not None:
+            limits.check_grammar(self.grammar)
+            return "grammar", self.grammar
+        if self.regex is not None:
+            limits.check_pattern(self.regex)
+            return "regex", self.regex
+        limits.check_choices(self.choice)
+        return "choice", json.dumps(self.choice)
+
+    def set_grammar(self, grammar: str) -> None:
+        self._grammar = grammar
+
     def grammar_text(self) -> str:
         """The llguidance grammar (the cache key); InvalidRequest where the input cannot be one."""
+        if self._grammar is None:
+            self._grammar = self._make_grammar()
+        return self._grammar
+
+    def _make_grammar(self) -> str:
         import llguidance
 
         try:
@@ -92,10 +129,17 @@ def grammar_from_text(text: str) -> str:
     import llguidance
     from llguidance.gbnf_to_lark import any_to_lark
 
-    if len(text) > _MAX_GRAMMAR_CHARS:
-        raise InvalidRequest(f"the grammar is over {_MAX_GRAMMAR_CHARS} characters", param="response_format")
+    limits.check_grammar(text)
     try:
         lark = any_to_lark(text)  # GBNF is converted; Lark passes through
     except Exception as exc:  # the converter raises bare Exceptions for a rule it cannot resolve
         raise InvalidRequest(f"invalid grammar: {exc}", param="response_format") from None
     return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+def explain_error(message: str) -> str:
+    """llguidance's error text -> the message a client gets."""
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    if first.startswith("Unimplemented keys"):
+        return f"the JSON schema uses features this server does not support: {first}"
+    return f"invalid structured output constraint: {message.strip()[:2000]}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -98,6 +100,7 @@ class Tokenizer:
         # Render to text, then encode: in transformers 5 `tokenize=True` returns a BatchEncoding rather than a
         # list. No special tokens are added on encode because templates that want a BOS write it themselves
         # (`{{ bos_token }}`); adding one here would double it.
+        messages, typed = self._mask_special_tokens(messages)
         text = self._hf.apply_chat_template(
             messages,
             tools=tools,
@@ -106,7 +109,57 @@ class Tokenizer:
             continue_final_message=continue_final_message,
             **(template_kwargs or {}),
         )
-        return self.encode(text, add_special_tokens=False)
+        if not typed:
+            return self.encode(text, add_special_tokens=False)
+        # The template's own markers stay control tokens; what the messages spelled out is encoded as text.
+        ids: list[int] = []
+        for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, typed)) + ")", text)):
+            if i % 2:
+                ids += self._plain_text.encode(typed[piece], add_special_tokens=False).ids
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _mask_special_tokens(
+        self, messages: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """`messages` with every special token written in a message's content (a user typing
+        `<|im_start|>system`) replaced by a placeholder, and placeholder -> the text it stands for."""
+        pattern = self._special_pattern
+        if pattern is None or not any(
+            isinstance(m.get("content"), str) and pattern.search(m["content"]) for m in messages
+        ):
+            return messages, {}
+        nonce = secrets.token_hex(8)  # no client can guess it, so no content can forge a placeholder
+        typed: dict[str, str] = {}
+
+        def mask(match: re.Match) -> str:
+            placeholder = f"\ue000{nonce}:{len(typed)}\ue001"
+            typed[placeholder] = match.group()
+            return placeholder
+
+        out = []
+        for m in messages:
+            content = m.get("content")
+            out.append({**m, "content": pattern.sub(mask, content)} if isinstance(content, str) else m)
+        return out, typed
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern | None:
+        specials = sorted(
+            (t.content for t in self._hf.added_tokens_decoder.values() if t.special), key=len, reverse=True
+        )
+        return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    @cached_property
+    def _plain_text(self):
+        """A copy of the backend tokenizer that reads special tokens' text as text. A copy, because
+        transformers' `split_special_tokens` flips a flag on the shared one, racing other threads."""
+        from tokenizers import Tokenizer as RustTokenizer
+
+        plain = RustTokenizer.from_str(self._hf.backend_tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
 
 def read_chat_template(value: str) -> str:

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 
 from ember.config import EngineConfig, ServerConfig
 from ember.engine.client import (
@@ -208,7 +209,9 @@ class AsyncEngine:
             raise InvalidRequest(
                 f"no LoRA adapter named '{lora}' is loaded", param="model", code="model_not_found"
             )
-        if isinstance(prompt, str):  # tokenized off the event loop, checked before the core sees it
+        if (
+            isinstance(prompt, str) or params.structured is not None
+        ):  # tokenizing, a grammar check: off the loop
             prompt_ids = await asyncio.to_thread(self.inputs.token_ids, prompt, params)
         else:
             prompt_ids = self.inputs.token_ids(prompt, params)
@@ -221,7 +224,13 @@ class AsyncEngine:
             if not self._tracked:  # an idle core owes no report: the deadline starts with this work
                 self._heard_at = time.monotonic()
             self._tracked[request_id] = t
-        self._inbox.put(AddRequest(request_id, prompt_ids, params, cache_salt, max_cached_tokens, lora))
+        try:
+            self._send(AddRequest(request_id, prompt_ids, params, cache_salt, max_cached_tokens, lora))
+        except BaseException:
+            with self._lock:
+                if self._tracked.get(request_id) is t:
+                    del self._tracked[request_id]
+            raise
         finished = False  # True once the core is done with the request: nothing to abort
         try:
             try:
@@ -247,6 +256,19 @@ class AsyncEngine:
                 self.abort(request_id)
                 self.metrics.request_success.labels(finished_reason="abort").inc()
                 self.metrics.e2e_request_latency.observe(time.monotonic() - t.state.arrival)
+
+    def _send(self, cmd: AddRequest) -> None:
+        """Queue a request for the core. A process's queue pickles on a feeder thread, where a failure is
+        only printed and the request silently lost: pickled here first, so it fails this request."""
+        if self.mode == "process":
+            try:
+                ForkingPickler.dumps(cmd)
+            except Exception as exc:  # RecursionError for deep structures, PicklingError, TypeError
+                raise InvalidRequest(
+                    f"the request cannot be passed to the engine ({type(exc).__name__}); it is nested too deeply "
+                    "or holds values that cannot be sent"
+                ) from None
+        self._inbox.put(cmd)
 
     def _check_admission(self, request_id: str, n: int) -> None:
         if self.error is not None or self._stopping:
@@ -325,6 +347,8 @@ class AsyncEngine:
                 self._stopping = True
                 self._inbox.put(Shutdown())
             self._reader.join(timeout=10)
+            if self.inputs is not None:
+                self.inputs.close()
             if isinstance(self._core, threading.Thread):
                 self._core.join(timeout=10)
             elif not self._closed:

@@ -100,6 +100,7 @@ class CoreLoop:
     def _handle(self, cmd) -> None:
         engine = self.engine
         if isinstance(cmd, msg.AddRequest):
+            known = cmd.request_id in engine.requests
             try:
                 request = engine.add_request(
                     cmd.prompt_ids,
@@ -112,6 +113,12 @@ class CoreLoop:
                 )
             except ValueError as exc:  # InvalidRequest too
                 self._added(cmd.request_id, exc)
+                return
+            except Exception as exc:  # RecursionError, a bug: it fails this request, not the engine
+                log.exception("adding request '%s' failed", cmd.request_id)
+                if not known:  # whatever of it was admitted before the failure
+                    engine.abort_request(cmd.request_id)
+                self._added(cmd.request_id, InvalidRequest(f"the request could not be admitted: {exc!r}"))
                 return
             if not request.grammar_pending:  # else answered once its grammar compiles (or is refused)
                 self._added(cmd.request_id, None)

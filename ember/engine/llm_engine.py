@@ -114,4 +114,5 @@ class LLMEngine:
     def close(self) -> None:
         """Release the core (threads, model, KV cache); see EngineCore.close."""
         self._states.clear()
+        self.inputs.close()
         self.core.close()

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.messages import EngineInfo, RequestUpdate
 from ember.errors import InvalidRequest
+from ember.grammar_check import GrammarChecker
 from ember.outputs import CompletionOutput, Logprob, RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.tokenizer import Tokenizer
 
 
 class InputProcessor:
-    """Tokenize and validate against the loaded engine: vocabulary, context length, pool capacity."""
+    """Tokenize and validate against the loaded engine: vocabulary, context length, pool capacity, and
+    a grammar's limits (checked in a worker process: ember/grammar_check.py). May block for as long as a
+    grammar check takes: call it off an event loop."""
 
     def __init__(self, tokenizer: Tokenizer, info: EngineInfo):
         self.tokenizer = tokenizer
@@ -29,6 +32,10 @@ class InputProcessor:
         longest = max((len(t) for t in tokenizer.hf.get_vocab()), default=1)
         self.chars_per_token_bound = max(32, 2 * longest)
         self.max_prompt_chars = info.max_model_len * self.chars_per_token_bound
+        self.grammars = GrammarChecker()
+
+    def close(self) -> None:
+        self.grammars.close()
 
     def token_ids(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """The prompt's ids, checked; InvalidRequest names what is wrong."""
@@ -79,6 +86,16 @@ class InputProcessor:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        room = min(info.max_model_len, info.pool_tokens) - len(ids)
+        if params.min_tokens > room:
+            raise InvalidRequest(
+                f"min_tokens is {params.min_tokens}, but the context has room for {room} tokens after the "
+                f"{len(ids)}-token prompt",
+                param="min_tokens",
+                code="context_length_exceeded",
+            )
+        if params.structured is not None:
+            self.grammars.check(params.structured)
 
 
 @dataclass(eq=False)

@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ember.errors import InvalidRequest
+from ember.structured_outputs import explain_error
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class GrammarCompiler:
         tokenizer = self._tokenizer.result()
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequest(_explain(matcher.get_error()), param="response_format")
+            raise InvalidRequest(explain_error(matcher.get_error()), param="response_format")
         matcher.compute_bitmask()  # builds the lexer's first states here rather than on the step loop
         self.num_compiled += 1
         return matcher
@@ -84,13 +85,6 @@ def _llg_tokenizer(hf_tokenizer, vocab_size: int, eos_token_ids: list[int]):
     import llguidance.hf
 
     return llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab_size, eos_token=list(eos_token_ids))
-
-
-def _explain(message: str) -> str:
-    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
-    if first.startswith("Unimplemented keys"):
-        return f"the JSON schema uses features this server does not support: {first}"
-    return f"invalid structured output constraint: {message.strip()[:2000]}"
 
 
 def bitmask_words(vocab_size: int) -> int:

@@ -28,6 +28,7 @@ import string
 from typing import Any
 
 from ember.errors import InvalidRequest
+from ember.grammar_limits import check_schema
 from ember.protocol.chat import ChatMessage, Tool
 from ember.protocol.requests import ChatCompletionRequest
 from ember.structured_outputs import JSON_OPTIONS, StructuredOutputs, closed
@@ -214,6 +215,7 @@ def _call_schema(tool: Tool) -> dict:
 def _with_options(schema: dict) -> dict:
     if not isinstance(schema, dict):
         raise InvalidRequest("a JSON schema must be an object", param="tools")
+    check_schema(schema, param="tools")  # before closed() recurses into it
     return {**closed(schema), "x-guidance": {**JSON_OPTIONS, **schema.get("x-guidance", {})}}
 
 

@@ -43,6 +43,7 @@ from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server import middleware
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
+from ember.server.middleware import AnswerErrors
 from ember.server.openapi import install_openapi
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def create_app(
     backend = EngineBackend(engine, model_name, state.adapter_owners)
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests, router=app.router)
+    app.add_middleware(AnswerErrors, respond=_unexpected)
     _install_error_handlers(app)
     install_openapi(app, PUBLIC_PATHS)
 
@@ -411,10 +413,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             code="unknown_route",
         )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+def _unexpected(exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
 class _Gate:

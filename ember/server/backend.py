@@ -23,6 +23,7 @@ from ember.outputs import RequestOutput
 from ember.protocol import format as fmt
 from ember.protocol import tools
 from ember.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from ember.protocol.text import check_text
 
 
 class ClientGone(Exception):
@@ -127,6 +128,7 @@ class EngineBackend:
         started = time.monotonic()
         if self.engine.inputs is not None:  # bound the text before the template and tokenizer read it all
             self.engine.inputs.check_text_length(_content_chars(body), param="messages")
+        check_text(body)
         tokenizer = self.engine.tokenizer
         messages, tool_defs = tools.render(body, tokenizer.hf.chat_template)
         # Templates render off the event loop: a long history takes a while.
@@ -149,6 +151,7 @@ class EngineBackend:
         self, body: CompletionRequest, target: str | None, ctx: RequestContext
     ) -> dict | Stream:
         started = time.monotonic()
+        check_text(body)
         params = body.sampling_params(16, body.logprobs)
         return await self._respond(body, body.prompts(), params, False, body.logprobs, target, ctx, started)
 
@@ -304,6 +307,7 @@ class EmbeddingBackend:
         return [{**card, "max_model_len": self.model.max_input_tokens}]
 
     async def embed(self, body: EmbeddingRequest) -> dict:
+        check_text(body)
         model = self.model
         if body.dimensions is not None and body.dimensions != model.dim:
             raise InvalidRequest(

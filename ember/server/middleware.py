@@ -6,6 +6,7 @@
 - `RequestId`: every response carries `x-request-id`: the client's own when it sent a sane one, else a
   fresh one, so a client's report and the server's log can be matched.
 - CORS (Starlette's), only where the operator lists allowed origins.
+- `AnswerErrors`: an unexpected exception is answered (a 500) on a connection that stays open.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.middleware.cors import CORSMiddleware
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +134,35 @@ def install(app, max_request_bytes: int, body_timeout: float, allowed_origins: l
 def _client(scope) -> str:
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "a client"
+
+
+class AnswerErrors:
+    """Answers an unexpected exception with `respond(exc)` (a 500) and keeps the connection open.
+
+    Starlette's ServerErrorMiddleware answers such errors too, but then re-raises them to the server, and
+    uvicorn closes a connection whose application raised: the client's next request on that keep-alive
+    connection fails with "connection reset". An error after the response began is left to them (the
+    connection cannot be saved then)."""
+
+    def __init__(self, app, respond: Callable[[Exception], Response]):
+        self.app = app
+        self.respond = respond
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_tracked(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracked)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unexpected error")
+            await self.respond(exc)(scope, receive, send)

@@ -9,10 +9,47 @@ import time
 import httpx
 import pytest
 
+from ember.server.backend import EngineBackend
 from tests.e2e.conftest import MODEL, metric, running_server, small_engine, wait_idle
 
 CHAT = "/v1/chat/completions"
 GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+
+def _raw(body: dict, content: str | None = None) -> bytes:
+    """The body as JSON text with escapes (`\\ud800`), as a client that sends a lone surrogate writes it."""
+    if content is not None:
+        body = {**body, "messages": [{"role": "user", "content": content}]}
+    return json.dumps(body).encode()
+
+
+def _nested(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def _items(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def _ref_chain(n: int) -> dict:
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(n)}
+    return {"$defs": {**defs, f"d{n}": {"type": "string"}}, "$ref": "#/$defs/d0"}
+
+
+def _schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def _tool(parameters: dict) -> dict:
+    return {"type": "function", "function": {"name": "f", "parameters": parameters}}
+
+
 CASES = [
     # (what, path, raw body, status, words the message must contain, param)
     ("malformed JSON", CHAT, b'{"model": "x", "messages": [', 400, "not valid JSON", None),
@@ -158,6 +195,50 @@ CASES = [
         "guided_regex",
     ),
     ("OpenAI route not served", "/v1/responses", {}, 404, "not implemented in ember", None),
+    # Text that is not valid Unicode: a lone UTF-16 surrogate as a JSON escape.
+    ("lone surrogate in chat", CHAT, _raw(GOOD, content="a\ud800"), 400, "surrogate", "messages[0].content"),
+    (
+        "lone surrogate in a prompt",
+        "/v1/completions",
+        _raw({"model": MODEL, "prompt": "a\ud800"}),
+        400,
+        "U+D800",
+        "prompt",
+    ),
+    (
+        "lone surrogate in an embedding input",
+        "/v1/embeddings",
+        _raw({"model": "all-minilm-l6-v2", "input": ["ok", "\udc00"]}),
+        400,
+        "surrogate",
+        "input[1]",
+    ),
+    # Grammars past the limits: these crashed or wedged the engine.
+    (
+        "$ref chain",
+        CHAT,
+        {**GOOD, "response_format": _schema_format(_ref_chain(5000))},
+        400,
+        '"$ref"s',
+        "response_format",
+    ),
+    (
+        "deep schema",
+        CHAT,
+        {**GOOD, "response_format": _schema_format(_items(600))},
+        400,
+        "nested deeper",
+        "response_format",
+    ),
+    (
+        "deep tool parameters",
+        CHAT,
+        {**GOOD, "tools": [_tool(_nested(300))], "tool_choice": "required"},
+        400,
+        "nested deeper",
+        "tools",
+    ),
+    ("min_tokens past the context", CHAT, {**GOOD, "min_tokens": 10**6}, 400, "room for", "min_tokens"),
 ]
 
 
@@ -309,3 +390,19 @@ def test_a_body_past_the_limit_is_refused_with_413(server):
     r = httpx.post(url + CHAT, content=b'{"model": "' + b"x" * (17 << 20) + b'"}', timeout=60)
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_500_is_answered_and_the_connection_stays_usable(server, monkeypatch):
+    url, _ = server
+
+    async def boom(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(EngineBackend, "complete", boom)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError"
+        assert r.headers.get("connection") != "close"
+        # The next request on the same keep-alive connection (it used to be reset).
+        ok = client.post(CHAT, json={**GOOD, "max_tokens": 8, "temperature": 0})
+        assert ok.status_code == 200 and "Paris" in ok.json()["choices"][0]["message"]["content"]

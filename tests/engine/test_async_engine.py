@@ -8,7 +8,10 @@ import pytest
 
 from ember import AsyncEngine, CacheConfig, EngineConfig, SamplingParams
 from ember.engine.async_engine import EngineDeadError, EngineOverloadedError
+from ember.engine.core import EngineCore
 from ember.errors import InvalidRequest
+from ember.outputs import RequestOutput
+from ember.structured_outputs import StructuredOutputs
 
 
 @pytest.fixture(scope="module", params=["thread", "process"])
@@ -106,6 +109,72 @@ def test_duplicate_request_id_is_refused_without_harming_the_first(async_engine)
 
     last = asyncio.run(asyncio.wait_for(run(), timeout=60))
     assert last.finished and len(last.outputs[0].token_ids) == 30
+
+
+async def _drain(engine: AsyncEngine, prompt, params: SamplingParams) -> RequestOutput:
+    return [out async for out in engine.generate(prompt, params)][-1]
+
+
+def _still_serves(engine: AsyncEngine) -> None:
+    last = asyncio.run(
+        asyncio.wait_for(_drain(engine, "hi", SamplingParams(max_tokens=3, ignore_eos=True)), 60)
+    )
+    assert last.finished and len(last.outputs[0].token_ids) == 3 and engine.is_running
+
+
+def test_a_schema_nested_past_the_limits_fails_only_its_request(async_engine):
+    # 600 levels: past Python's recursion limit in pickling and in the schema rewrite. It used to vanish
+    # on the process queue (the caller waited forever) or kill a threaded core.
+    schema: dict = {"type": "string"}
+    for _ in range(600):
+        schema = {"type": "array", "items": schema}
+    params = SamplingParams(max_tokens=3, structured=StructuredOutputs(json=schema))
+    with pytest.raises(InvalidRequest, match="nested deeper"):
+        asyncio.run(asyncio.wait_for(_drain(async_engine, "hi", params), 30))
+    _still_serves(async_engine)
+
+
+def test_a_request_that_cannot_be_sent_to_the_core_fails_alone(async_engine):
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    params.hook = lambda: None  # no pickle carries a lambda: a stand-in for anything the queue refuses
+    if async_engine.mode == "process":
+        with pytest.raises(InvalidRequest, match="cannot be passed to the engine"):
+            asyncio.run(asyncio.wait_for(_drain(async_engine, "hi", params), 30))
+        assert async_engine.num_unfinished == 0
+    else:  # nothing is pickled on a thread
+        assert asyncio.run(asyncio.wait_for(_drain(async_engine, "hi", params), 30)).finished
+    _still_serves(async_engine)
+
+
+def test_any_failure_while_the_core_adds_a_request_fails_only_it(random_model_dirs, monkeypatch):
+    engine = AsyncEngine(
+        EngineConfig(model=str(random_model_dirs["llama-gqa"]), cache=CacheConfig(num_blocks=64)),
+        mode="thread",
+    )
+    real = EngineCore.add_request
+
+    def add(self, prompt_ids, params, request_id=None, **kw):
+        if request_id == "doomed":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(self, prompt_ids, params, request_id, **kw)
+
+    monkeypatch.setattr(EngineCore, "add_request", add)
+    try:
+        gen = engine.generate("hi", SamplingParams(max_tokens=3), request_id="doomed")
+        with pytest.raises(InvalidRequest, match="RecursionError"):
+            asyncio.run(asyncio.wait_for(anext(gen), 30))
+        _still_serves(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_min_tokens_past_the_context_is_refused_at_once(async_engine):
+    params = SamplingParams(max_tokens=None, min_tokens=10**6)
+    with pytest.raises(InvalidRequest) as info:
+        asyncio.run(asyncio.wait_for(_drain(async_engine, [1, 2, 3], params), 10))
+    room = min(async_engine.info.max_model_len, async_engine.info.pool_tokens) - 3
+    assert f"min_tokens is {10**6}" in str(info.value) and f"room for {room} tokens" in str(info.value)
+    assert info.value.param == "min_tokens"
 
 
 def test_shutdown_ends_open_streams(random_model_dirs):
