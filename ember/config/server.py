@@ -151,7 +151,8 @@ class ServerConfig:
     )
     # The store of files and fine-tuning jobs (ember.store): an embedded SQLite database by default.
     data_dir: str | None = setting(
-        None, help="where uploaded files, fine-tuning jobs and their adapters live (default: ember's data dir)"
+        None,
+        help="where uploaded files, fine-tuning jobs and their adapters live (default: ember's data dir)",
     )
     database_url: str | None = setting(
         None,
@@ -159,7 +160,9 @@ class ServerConfig:
         secret=True,
     )
     max_upload_bytes: int | str = setting(
-        "512MiB", help="the largest file /v1/files accepts (streamed to disk); past it, 413", show=format_bytes
+        "512MiB",
+        help="the largest file /v1/files accepts (streamed to disk); past it, 413",
+        show=format_bytes,
     )
     fine_tuning: bool = setting(
         True, help="serve /v1/files and /v1/fine_tuning (implies --enable-lora, to serve what is tuned)"
@@ -184,7 +187,9 @@ class ServerConfig:
         if self.database_url is not None and not self.database_url.startswith(
             ("sqlite://", "postgresql://", "postgresql+")
         ):
-            raise ConfigError("database_url", f"must be sqlite:///PATH or postgresql://... (got {self.database_url!r})")
+            raise ConfigError(
+                "database_url", f"must be sqlite:///PATH or postgresql://... (got {self.database_url!r})"
+            )
         check(self)
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be 0..65535 (got {self.port})")

@@ -29,7 +29,9 @@ class DeploymentSpec:
 
     def __post_init__(self) -> None:
         # Adapters loaded at start, a key to load them at run time, or fine-tuned ones need the model's LoRA wrappers.
-        if (self.server.loras or self.server.keys.admin is not None or self.server.fine_tuning) and not self.engine.lora.enabled:
+        if (
+            self.server.loras or self.server.keys.admin is not None or self.server.fine_tuning
+        ) and not self.engine.lora.enabled:
             lora = dataclasses.replace(self.engine.lora, enabled=True)
             self.engine = dataclasses.replace(self.engine, lora=lora)  # a copy: the caller's stays as given
 

@@ -193,7 +193,9 @@ class Store:
             rows = conn.execute(sa.select(jobs).where(jobs.c.status.in_(statuses)).order_by(jobs.c.seq)).all()
         return [self._row(r) for r in rows]
 
-    def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message", data=None) -> None:
+    def add_event(
+        self, job_id: str, message: str, level: str = "info", type: str = "message", data=None
+    ) -> None:
         self.insert(
             events,
             {

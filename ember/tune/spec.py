@@ -95,7 +95,12 @@ def job_spec(body: JobRequest, max_rank: int | None = None) -> dict:
     for name in allowed:
         hyper.setdefault(name, AUTO[name])
     lora = _lora(body.lora, max_rank)
-    return {"method": kind, "hyperparameters": hyper, "lora": lora, "max_len": body.max_len or MAX_LEN_DEFAULT}
+    return {
+        "method": kind,
+        "hyperparameters": hyper,
+        "lora": lora,
+        "max_len": body.max_len or MAX_LEN_DEFAULT,
+    }
 
 
 def _number(name: str, value: Any, param: str) -> float | int:
@@ -127,7 +132,8 @@ def _lora(given: dict | None, max_rank: int | None) -> dict:
         raise InvalidRequest(f"lora.alpha must be a positive number (got {alpha!r})", param="lora.alpha")
     if not isinstance(modules, list) or not modules or any(m not in MODULES for m in modules):
         raise InvalidRequest(
-            f"lora.target_modules must be a non-empty list of: {', '.join(MODULES)}", param="lora.target_modules"
+            f"lora.target_modules must be a non-empty list of: {', '.join(MODULES)}",
+            param="lora.target_modules",
         )
     return {"r": r, "alpha": alpha, "target_modules": list(dict.fromkeys(modules))}
 
