@@ -10,6 +10,7 @@ Retry-After); 413 and 408 for a body too large or too slow (ember.server.middlew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -339,8 +340,8 @@ def create_app(
 def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, state: ServerState) -> None:
     """The files and fine-tuning routes over `tuning` (ember.server.tuning_api.Tuning); its runner starts
     and stops with the app."""
-    from ember.server.files_api import files_router
-    from ember.server.tuning_api import tuning_router
+    from ember.server.files_api import install_files
+    from ember.server.tuning_api import install_tuning
 
     def tenant_of(request: Request) -> str | None:
         return state.tenant(getattr(request.state, "api_key", None))
@@ -352,14 +353,21 @@ def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, 
     source = getattr(config, "model", None) or model_name
     lora = getattr(config, "lora", None)
     template = getattr(config, "chat_template", None)
-    app.include_router(files_router(tuning.store, tuning.blobs, tuning.max_upload_bytes, tenant_of))
-    app.include_router(
-        tuning_router(
-            tuning.store, tuning.runner, model_name, source, caller, getattr(lora, "max_rank", None), template
-        )
-    )
-    app.add_event_handler("startup", tuning.runner.start)
-    app.add_event_handler("shutdown", tuning.runner.stop)
+    install_files(app, tuning.store, tuning.blobs, tuning.max_upload_bytes, tenant_of)
+    max_rank = getattr(lora, "max_rank", None)
+    install_tuning(app, tuning.store, tuning.runner, model_name, source, caller, max_rank, template)
+    outer = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application):
+        async with outer(application) as inner:
+            await tuning.runner.start()
+            try:
+                yield inner
+            finally:
+                await tuning.runner.stop()
+
+    app.router.lifespan_context = lifespan
 
 
 class _Refuse(Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
@@ -62,8 +62,8 @@ def listing(rows: list[dict], has_more: bool) -> dict:
     }
 
 
-def files_router(store: Store, blobs: FileStore, max_upload_bytes: int, tenant_of) -> APIRouter:
-    router = APIRouter()
+def install_files(router, store: Store, blobs: FileStore, max_upload_bytes: int, tenant_of) -> None:
+    """The routes on `router` (the app itself: the gate decides access by the routes it lists)."""
 
     @router.post("/v1/files")
     async def upload(request: Request) -> dict:
@@ -139,5 +139,3 @@ def files_router(store: Store, blobs: FileStore, max_upload_bytes: int, tenant_o
         await asyncio.to_thread(store.delete, db.files, row["id"])
         await asyncio.to_thread(blobs.remove, row["id"])
         return {"id": row["id"], "object": "file", "deleted": True}
-
-    return router

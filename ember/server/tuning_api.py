@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 
 from ember.errors import InvalidRequest
 from ember.models.catalog import known_models
@@ -73,7 +73,8 @@ def checkpoint_object(row: dict, job: dict) -> dict:
     }
 
 
-def tuning_router(
+def install_tuning(
+    router,
     store: Store,
     runner: TuningRunner,
     model_name: str,
@@ -81,8 +82,7 @@ def tuning_router(
     caller,  # request -> (tenant, is_admin)
     max_rank: int | None = None,
     chat_template: str | None = None,
-) -> APIRouter:
-    router = APIRouter()
+) -> None:
 
     def owned_job(job_id: str, request: Request) -> dict:
         row = store.get(db.jobs, job_id)
@@ -208,8 +208,6 @@ def tuning_router(
         where = [db.checkpoints.c.job_id == job_id]
         rows, more = await asyncio.to_thread(store.page, db.checkpoints, where, after, limit)
         return listing([checkpoint_object(r, job) for r in rows], more)
-
-    return router
 
 
 class Tuning:

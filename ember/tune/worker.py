@@ -31,11 +31,24 @@ def file_path(data_dir: str | Path, file_id: str) -> Path:
     return Path(data_dir) / "files" / file_id
 
 
-def _tokenizer(source: str, chat_template: str | None):
-    from ember.models.catalog import resolve_model
-    from ember.tokenizer import Tokenizer
+class _Tokenizer:
+    """The base model's tokenizer, loaded when first used (a file refused before it is read costs none)."""
 
-    return Tokenizer.from_dir(resolve_model(source), chat_template=chat_template)
+    def __init__(self, source: str, chat_template: str | None):
+        self._args, self._tok = (source, chat_template), None
+
+    def __getattr__(self, name: str):
+        if self._tok is None:
+            from ember.models.catalog import resolve_model
+            from ember.tokenizer import Tokenizer
+
+            source, template = self._args
+            self._tok = Tokenizer.from_dir(resolve_model(source), chat_template=template)
+        return getattr(self._tok, name)
+
+
+def _tokenizer(source: str, chat_template: str | None) -> _Tokenizer:
+    return _Tokenizer(source, chat_template)
 
 
 def _load(data, job: dict, data_dir: str, tokenizer) -> tuple[list, list | None]:
@@ -69,7 +82,7 @@ def validate(store: Store, job: dict, data_dir: str, data) -> None:
         tok = _tokenizer(job["source"], job["spec"].get("chat_template"))
         train, valid = _load(data, job, data_dir, tok)
     except data.DataError as exc:
-        fail(store, job["id"], "invalid_file", f"{job[exc.param]}: {exc}", exc.param, ("validating_files",))
+        fail(store, job["id"], "invalid_file", str(exc), exc.param, ("validating_files",))
         return
     n = f"{len(train)} examples" + (f", {len(valid)} for validation" if valid else "")
     if store.update(db.jobs, job["id"], {"status": "queued"}, only_if_status=("validating_files",)):
@@ -84,7 +97,7 @@ def train(store: Store, job: dict, data_dir: str, data, trainer, parent: int | N
     try:
         train_data, valid_data = _load(data, job, data_dir, tok)
     except data.DataError as exc:
-        fail(store, job_id, "invalid_file", f"{job[exc.param]}: {exc}", exc.param, ("running",))
+        fail(store, job_id, "invalid_file", str(exc), exc.param, ("running",))
         return
     store.add_event(job_id, "Fine-tuning job started")
     started = time.time()
