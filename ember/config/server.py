@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ember.config.schema import REDACTED, ConfigError, check, setting
 from ember.config.units import format_bytes, parse_bytes
-from ember.paths import ember_adapter_dir
+from ember.paths import ember_adapter_dir, ember_data_dir
 
 API_KEYS_ENV = "EMBER_API_KEYS"
 ADMIN_KEY_ENV = "EMBER_ADMIN_KEY"
@@ -149,6 +149,25 @@ class ServerConfig:
         "many seconds",
         minimum=0.1,
     )
+    # The store of files and fine-tuning jobs (ember.store): an embedded SQLite database by default.
+    data_dir: str | None = setting(
+        None,
+        help="where uploaded files, fine-tuning jobs and their adapters live (default: ember's data dir)",
+    )
+    database_url: str | None = setting(
+        None,
+        help="the store's database: sqlite:///PATH or postgresql://... (default: SQLite under --data-dir)",
+        secret=True,
+    )
+    max_upload_bytes: int | str = setting(
+        "512MiB",
+        help="the largest file /v1/files accepts (streamed to disk); past it, 413",
+        show=format_bytes,
+    )
+    fine_tuning: bool = setting(
+        True, help="serve /v1/files and /v1/fine_tuning (implies --enable-lora, to serve what is tuned)"
+    )
+    max_tuning_jobs: int = setting(1, help="fine-tuning jobs that train at once", minimum=1)
     allowed_origins: list[str] = setting(
         factory=list,
         help="CORS: a browser origin allowed to call the API (repeatable or comma-separated; * for any); "
@@ -161,6 +180,16 @@ class ServerConfig:
             self.max_request_bytes = parse_bytes(self.max_request_bytes)
         except ValueError as exc:
             raise ConfigError("max_request_bytes", str(exc)) from None
+        try:
+            self.max_upload_bytes = parse_bytes(self.max_upload_bytes)
+        except ValueError as exc:
+            raise ConfigError("max_upload_bytes", str(exc)) from None
+        if self.database_url is not None and not self.database_url.startswith(
+            ("sqlite://", "postgresql://", "postgresql+")
+        ):
+            raise ConfigError(
+                "database_url", f"must be sqlite:///PATH or postgresql://... (got {self.database_url!r})"
+            )
         check(self)
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be 0..65535 (got {self.port})")
@@ -209,6 +238,14 @@ class ServerConfig:
         if admin is None and environ.get(ADMIN_KEY_ENV, "").strip():
             admin = environ[ADMIN_KEY_ENV].strip()
         return Keys(list(dict.fromkeys(api)), admin)
+
+    def store_dir(self) -> Path:
+        """The data directory of the store: --data-dir, else ember's."""
+        return Path(self.data_dir).expanduser() if self.data_dir else ember_data_dir()
+
+    def store_url(self) -> str:
+        """The store's database URL: --database-url, else SQLite in the data directory."""
+        return self.database_url or f"sqlite:///{self.store_dir() / 'ember.db'}"
 
     def adapter_roots(self) -> list[str]:
         """Where runtime adapter loads may read: --lora-root, ember's adapter directory, each --lora."""

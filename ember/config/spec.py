@@ -28,8 +28,10 @@ class DeploymentSpec:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
-        # Adapters loaded at start, or a key to load them at run time, need the model's LoRA wrappers.
-        if (self.server.loras or self.server.keys.admin is not None) and not self.engine.lora.enabled:
+        # Adapters loaded at start, a key to load them at run time, or fine-tuned ones need the model's LoRA wrappers.
+        if (
+            self.server.loras or self.server.keys.admin is not None or self.server.fine_tuning
+        ) and not self.engine.lora.enabled:
             lora = dataclasses.replace(self.engine.lora, enabled=True)
             self.engine = dataclasses.replace(self.engine, lora=lora)  # a copy: the caller's stays as given
 

@@ -59,7 +59,7 @@ class LoRAAdapter:
     # (layer, module) -> (A [r, in], B [out, r] with the scaling folded in), on the host in fp32.
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     base_model: str | None = None
-    uid: str = ""  # unique per load: the prefix cache keys on it, so a re-added name starts afresh
+    uid: str = ""  # its content digest (manager.content_id): the prefix cache keys on it
 
     @property
     def modules(self) -> set[str]:

@@ -8,7 +8,7 @@ sequences, the sequence waits; sequences of resident adapters are never held up 
 
 from __future__ import annotations
 
-import itertools
+import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -20,6 +20,17 @@ from ember.models.config import ModelConfig
 from ember.models.lora import load_slot
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+def content_id(adapter: LoRAAdapter) -> str:
+    """A digest of what the adapter computes (its weights, scaling folded in): the prefix cache keys on
+    it, so a new version under an old name never reuses the old one's KV, and identical adapters share."""
+    digest = hashlib.sha256()
+    for (layer, module), (a, b) in sorted(adapter.weights.items()):
+        digest.update(f"{layer}.{module}:{tuple(a.shape)}:{tuple(b.shape)}".encode())
+        digest.update(a.contiguous().numpy().tobytes())
+        digest.update(b.contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 class LoRAManager:
@@ -34,19 +45,19 @@ class LoRAManager:
         self.holder: list[str | None] = [None] * max_loras
         self._idle: OrderedDict[int, None] = OrderedDict((s, None) for s in range(max_loras))  # LRU first
         self.num_loads = 0  # copies into a slot
-        self._loads = itertools.count()
 
     # -- registry -----------------------------------------------------------------------------------
 
     def add(self, name: str, path: str | Path) -> LoRAAdapter:
-        if not name or set(name) - _NAME_CHARS or ":" in name:
+        # ':' only in the fine-tuned models' own names, ft:BASE:SUFFIX:ID (the API's job names them).
+        if not name or set(name) - _NAME_CHARS - (set(":") if name.startswith("ft:") else set()):
             raise AdapterError(f"adapter name '{name}' must be letters, digits, '-', '_' or '.'")
         if name in self.adapters:
             raise AdapterError(f"an adapter named '{name}' is already loaded")
         if len(self.adapters) >= self.max_adapters:
             raise AdapterError(f"{len(self.adapters)} adapters are loaded, the most this server holds")
         adapter = LoRAAdapter.load(name, path, self.cfg, self.max_rank)
-        adapter.uid = f"{name}#{next(self._loads)}"
+        adapter.uid = content_id(adapter)
         self.adapters[name] = adapter
         return adapter
 

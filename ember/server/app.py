@@ -10,6 +10,7 @@ Retry-After); 413 and 408 for a body too large or too slow (ember.server.middlew
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -43,6 +44,7 @@ from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server import middleware
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
+from ember.server.files_api import Refusal
 from ember.server.middleware import AnswerErrors
 from ember.server.openapi import install_openapi
 
@@ -52,6 +54,16 @@ log = logging.getLogger(__name__)
 # matches '/v1/adapters\n'). Every other route takes an API key; /metrics is the operator's (see _Gate).
 PUBLIC_PATHS = ("/health", "/ready")  # reachable without an API key
 ADMIN_PATHS = ("/v1/adapters", "/v1/adapters/{name}")  # the admin key only
+# Fine-tuning: the admin key once the server has any key; open on an open server.
+TUNING_PATHS = (
+    "/v1/fine_tuning/jobs",
+    "/v1/fine_tuning/jobs/{job_id}",
+    "/v1/fine_tuning/jobs/{job_id}/cancel",
+    "/v1/fine_tuning/jobs/{job_id}/events",
+    "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+)
+# Files: any API key, and the admin key too (it uploads the files of the jobs it creates).
+FILES_PATHS = ("/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content")
 METRICS_PATH = "/metrics"
 # What a refused adapter operation answers: status, code, the field at fault.
 _LORA_ERRORS = {
@@ -72,9 +84,7 @@ NOT_IMPLEMENTED = (
     "/v1/edits",
     "/v1/engines",
     "/v1/evals",
-    "/v1/files",
     "/v1/fine-tunes",
-    "/v1/fine_tuning",
     "/v1/images",
     "/v1/moderations",
     "/v1/organization",
@@ -111,6 +121,7 @@ class ServerState:
     adapter_owners: dict[str, str] = field(default_factory=dict)
     metrics_public: bool = False  # /metrics without any key, like /health
     allow_unknown_fields: bool = False  # ignore request fields ember does not know, instead of a 400
+    tuning: object | None = None  # ember.server.tuning_api.Tuning: /v1/files and /v1/fine_tuning; None: off
 
     def tenant(self, key: str | None) -> str | None:
         """The owner id of a request made with `key` (as the gate accepted it): stable across restarts, so
@@ -185,7 +196,11 @@ def create_app(
     install_openapi(app, PUBLIC_PATHS)
 
     # -- around every route: body limits, CORS, request ids (ember.server.middleware) -----------------
-    middleware.install(app, options.max_request_bytes, options.body_timeout, options.allowed_origins)
+    tuning = state.tuning
+    streamed = {"/v1/files": tuning.max_upload_bytes} if tuning is not None else None
+    middleware.install(
+        app, options.max_request_bytes, options.body_timeout, options.allowed_origins, streamed
+    )
     engine.metrics.model_name = model_name  # the `model_name` label of every series, as vLLM's
     # ---------------------------------------------------------------------------------------------------
 
@@ -319,7 +334,42 @@ def create_app(
             )
         return await embeddings.embed(body)
 
+    if tuning is not None:
+        _install_tuning(app, tuning, engine, model_name, state)
     return app
+
+
+def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, state: ServerState) -> None:
+    """The files and fine-tuning routes over `tuning` (ember.server.tuning_api.Tuning); its runner starts
+    and stops with the app."""
+    from ember.server.files_api import install_files
+    from ember.server.tuning_api import install_tuning
+
+    def tenant_of(request: Request) -> str | None:
+        return state.tenant(getattr(request.state, "api_key", None))
+
+    def caller(request: Request) -> tuple[str | None, bool]:
+        return tenant_of(request), bool(getattr(request.state, "admin", False))
+
+    config = getattr(engine, "config", None)
+    source = getattr(config, "model", None) or model_name
+    lora = getattr(config, "lora", None)
+    template = getattr(config, "chat_template", None)
+    install_files(app, tuning.store, tuning.blobs, tuning.max_upload_bytes, tenant_of)
+    max_rank = getattr(lora, "max_rank", None)
+    install_tuning(app, tuning.store, tuning.runner, model_name, source, caller, max_rank, template)
+    outer = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application):
+        async with outer(application) as inner:
+            await tuning.runner.start()
+            try:
+                yield inner
+            finally:
+                await tuning.runner.stop()
+
+    app.router.lifespan_context = lifespan
 
 
 class _Refuse(Exception):
@@ -374,6 +424,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(
             exc.status, str(exc), param="model" if exc.status == 404 else None, code=exc.code, kind=exc.kind
         )
+
+    @app.exception_handler(Refusal)
+    async def _refusal(_: Request, exc: Refusal) -> JSONResponse:
+        return _error(exc.status, str(exc), param=exc.param, code=exc.code)
+
+    @app.exception_handler(middleware.BodyTooLarge)
+    async def _upload_too_large(_: Request, exc: middleware.BodyTooLarge) -> JSONResponse:
+        return _error(413, str(exc), param="file", code="file_too_large")
+
+    @app.exception_handler(middleware.BodyTimeout)
+    async def _upload_too_slow(_: Request, exc: middleware.BodyTimeout) -> JSONResponse:
+        return _error(408, str(exc), code="request_timeout")
 
     @app.exception_handler(jinja2.TemplateError)
     async def _template(_: Request, exc: jinja2.TemplateError) -> JSONResponse:
@@ -448,14 +510,17 @@ class _Gate:
             await response(scope, receive, send_counted)
             self.counter.labels("unmatched", "400").inc()
             return
-        access = self._access(self._route(scope))
+        route = self._route(scope)
+        access = self._access(route)
         public = access == "public"
         if not public:
             self.state.in_flight += 1
         try:
             refusal = self._admin_refusal(scope, access) if access != "user" and not public else None
+            if refusal is None and access == "tuning":  # the admin key: its own tenant, adapters global
+                scope.setdefault("state", {}).update(api_key=self.state.admin_key, admin=True)
             if access == "user":
-                key = self._key(scope)
+                key = self._key(scope, admin_too=route in FILES_PATHS)
                 scope.setdefault("state", {})["api_key"] = key  # the handlers read request.state.api_key
                 if self.state.api_keys and key is None:
                     refusal = _error(
@@ -483,11 +548,13 @@ class _Gate:
         return partial
 
     def _access(self, route: str | None) -> str:
-        """public, user, admin or metrics."""
+        """public, user, admin, tuning or metrics."""
         if route in PUBLIC_PATHS:
             return "public"
         if route in ADMIN_PATHS:
             return "admin"
+        if route in TUNING_PATHS:
+            return "user" if not self.state.api_keys and self.state.admin_key is None else "tuning"
         if route == METRICS_PATH:
             open_server = not self.state.api_keys and self.state.admin_key is None
             return "public" if self.state.metrics_public or open_server else "metrics"
@@ -503,6 +570,8 @@ class _Gate:
                 if metrics
                 else "adapters cannot be changed at runtime: start the server with --admin-key"
             )
+            if access == "tuning":
+                why = "fine-tuning needs the admin key: start the server with --admin-key"
             return _error(403, why, code="admin_disabled", kind="permission_error")
         key = _presented_key(scope)
         if key is not None and hmac.compare_digest(key.encode(), admin.encode()):
@@ -510,22 +579,25 @@ class _Gate:
         if key is not None and any(
             hmac.compare_digest(key.encode(), k.encode()) for k in self.state.api_keys
         ):
-            what = "read server metrics" if metrics else "manage adapters"
+            what = {"metrics": "read server metrics", "tuning": "fine-tune"}.get(access, "manage adapters")
             return _error(
                 403,
                 f"this API key may not {what}; use the admin key",
                 code="forbidden",
                 kind="permission_error",
             )
-        what = "server metrics need" if metrics else "adapter management needs"
+        what = {"metrics": "server metrics need", "tuning": "fine-tuning needs"}.get(
+            access, "adapter management needs"
+        )
         return _error(401, f"{what} the admin key as 'Authorization: Bearer <key>'", code="invalid_api_key")
 
-    def _key(self, scope) -> str | None:
-        """The configured API key this request presents, or None."""
+    def _key(self, scope, admin_too: bool = False) -> str | None:
+        """The configured API key this request presents (or the admin key, with `admin_too`), or None."""
         key = _presented_key(scope)
         if key is None:
             return None
-        match = [k for k in self.state.api_keys if hmac.compare_digest(key.encode(), k.encode())]
+        keys = [*self.state.api_keys, *([self.state.admin_key] if admin_too and self.state.admin_key else [])]
+        match = [k for k in keys if hmac.compare_digest(key.encode(), k.encode())]
         return match[0] if match else None
 
 

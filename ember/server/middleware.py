@@ -3,6 +3,8 @@
 - `BodyLimit`: a request body is read whole, within a size and a time limit, before any route parses it:
   413 as soon as it is known to be too large (from Content-Length before reading a byte, else while the
   chunks arrive), 408 when it is not all there in time. A refused body is never held in memory whole.
+  Uploads (`streamed` paths, /v1/files) are not read whole: they pass through to the route as they
+  arrive, under their own size limit (BodyTooLarge past it, a 413) and a limit on the wait per chunk.
 - `RequestId`: every response carries `x-request-id`: the client's own when it sent a sane one, else a
   fresh one, so a client's report and the server's log can be matched.
 - CORS (Starlette's), only where the operator lists allowed origins.
@@ -33,11 +35,29 @@ def _refusal(status: int, message: str, code: str) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers={"connection": "close"})
 
 
+class BodyTooLarge(Exception):
+    """A streamed upload went past its limit (the app answers 413)."""
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"the upload is more than {limit} bytes, the most this server accepts (the operator sets "
+            "--max-upload-bytes)"
+        )
+
+
+class BodyTimeout(Exception):
+    """A streamed upload sent nothing for too long (the app answers 408)."""
+
+    def __init__(self, timeout: float):
+        super().__init__(f"the upload sent nothing for {timeout:g} s")
+
+
 class BodyLimit:
-    def __init__(self, app, max_bytes: int, timeout: float):
+    def __init__(self, app, max_bytes: int, timeout: float, streamed: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.streamed = streamed or {}  # POST path -> its own size limit; the body passes through
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -47,6 +67,8 @@ class BodyLimit:
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         if length is None and not chunked:
             return await self.app(scope, receive, send)  # no body (a GET, say)
+        if scope["method"] == "POST" and scope["path"] in self.streamed:
+            return await self._stream(scope, receive, send, length, self.streamed[scope["path"]])
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._too_large(scope, receive, send, f"{int(length)} bytes")
         body = bytearray()
@@ -83,6 +105,25 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def _stream(self, scope, receive, send, length: bytes | None, limit: int) -> None:
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = _refusal(413, str(BodyTooLarge(limit)), "request_too_large")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise BodyTimeout(self.timeout) from None
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, counted, send)
+
     async def _too_large(self, scope, receive, send, size: str) -> None:
         log.warning(
             "%s: request body of %s refused (limit %d bytes): 413", _client(scope), size, self.max_bytes
@@ -116,10 +157,17 @@ class RequestId:
         await self.app(scope, receive, send_with_id)
 
 
-def install(app, max_request_bytes: int, body_timeout: float, allowed_origins: list[str]) -> None:
+def install(
+    app,
+    max_request_bytes: int,
+    body_timeout: float,
+    allowed_origins: list[str],
+    streamed: dict[str, int] | None = None,
+) -> None:
     """Add the middlewares, outermost last: request ids on everything (refusals and CORS preflights
-    included), CORS answered before the key check, bodies bounded before any route reads them."""
-    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, timeout=body_timeout)
+    included), CORS answered before the key check, bodies bounded before any route reads them
+    (`streamed`: upload paths and their limits)."""
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes, timeout=body_timeout, streamed=streamed)
     if allowed_origins:
         app.add_middleware(
             CORSMiddleware,

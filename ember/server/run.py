@@ -164,6 +164,20 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         metrics_public=options.metrics_public,
         allow_unknown_fields=options.allow_unknown_fields,
     )
+    if options.fine_tuning:
+        from ember.server.tuning_api import Tuning
+
+        data_dir = options.store_dir()
+        log.info("files and fine-tuning jobs in %s", data_dir)
+        state.tuning = Tuning(
+            data_dir,
+            options.store_url(),
+            engine,
+            served,
+            state.adapter_owners,
+            options.max_upload_bytes,
+            options.max_tuning_jobs,
+        )
     app = create_app(engine, served, state, options)
     if not keys.api:
         log.warning(

@@ -37,9 +37,14 @@ def test_keys_come_from_flags_files_and_the_environment(tmp_path, monkeypatch):
 
 
 def test_an_admin_key_from_the_environment_enables_lora(monkeypatch):
-    assert not DeploymentSpec().engine.lora.enabled
+    untuned = ServerConfig(fine_tuning=False)
+    assert not DeploymentSpec(server=untuned).engine.lora.enabled
     monkeypatch.setenv("EMBER_ADMIN_KEY", "adm")
-    assert DeploymentSpec().engine.lora.enabled
+    assert DeploymentSpec(server=ServerConfig(fine_tuning=False)).engine.lora.enabled
+
+
+def test_fine_tuning_enables_lora():
+    assert DeploymentSpec().engine.lora.enabled  # what it tunes is served by the multi-LoRA engine
 
 
 @pytest.mark.parametrize(

@@ -97,9 +97,9 @@ def test_models_can_be_listed_and_retrieved_with_their_context_length(small_serv
 @pytest.mark.parametrize(
     "method,path",
     [
-        ("GET", "/v1/files"),
-        ("POST", "/v1/files"),
-        ("POST", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/evals"),
+        ("POST", "/v1/uploads"),
+        ("GET", "/v1/vector_stores"),
         ("GET", "/v1/batches/batch_1"),
         ("POST", "/v1/responses"),
         ("POST", "/v1/audio/transcriptions"),
