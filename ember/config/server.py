@@ -165,7 +165,9 @@ class ServerConfig:
         show=format_bytes,
     )
     fine_tuning: bool = setting(
-        True, help="serve /v1/files and /v1/fine_tuning (implies --enable-lora, to serve what is tuned)"
+        False,
+        help="serve /v1/files and /v1/fine_tuning, training in a worker process (implies --enable-lora, to "
+        "serve what is tuned; off: a 404 that says how to turn it on)",
     )
     max_tuning_jobs: int = setting(1, help="fine-tuning jobs that train at once", minimum=1)
     allowed_origins: list[str] = setting(

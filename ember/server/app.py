@@ -73,6 +73,7 @@ _LORA_ERRORS = {
 }
 RETRY_AFTER_S = {429: "1", 503: "5"}
 OUTSIDE_ROOTS = "the adapter path is not under any adapter root of this server (see --lora-root)"
+TUNING_PREFIXES = ("/v1/files", "/v1/fine_tuning")  # served with --fine-tuning only
 # OpenAI's routes that ember does not serve (yet): a 404 that says so, not a bare "Not Found".
 NOT_IMPLEMENTED = (
     "/v1/assistants",
@@ -463,6 +464,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code != 404:
             return _error(exc.status_code, str(exc.detail))
         path = request.url.path
+        if any(path == p or path.startswith(p + "/") for p in TUNING_PREFIXES):  # served, but off here
+            return _error(
+                404,
+                f"{request.method} {path}: files and fine-tuning are off on this server; start it with "
+                "--fine-tuning",
+                code="not_enabled",
+            )
         if any(path == p or path.startswith(p + "/") for p in NOT_IMPLEMENTED):
             return _error(
                 404,

@@ -44,7 +44,9 @@ def test_an_admin_key_from_the_environment_enables_lora(monkeypatch):
 
 
 def test_fine_tuning_enables_lora():
-    assert DeploymentSpec().engine.lora.enabled  # what it tunes is served by the multi-LoRA engine
+    assert not DeploymentSpec().engine.lora.enabled  # the default server pays nothing for LoRA
+    # what it tunes is served by the multi-LoRA engine
+    assert DeploymentSpec(server=ServerConfig(fine_tuning=True)).engine.lora.enabled
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,17 @@ ROWS = [
 @pytest.fixture
 def served(tmp_path):
     port = free_port()
-    cmd = [sys.executable, "-m", "ember.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ember.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--fine-tuning",
+        "--data-dir",
+        str(tmp_path),
+    ]
     cmd += ["--embedding-model", "none", "--max-model-len", "512"]
     proc = subprocess.Popen(cmd, env={**os.environ})
     try:

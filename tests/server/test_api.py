@@ -116,6 +116,14 @@ def test_openai_routes_ember_does_not_serve_say_so(small_server, method, path):
     assert err["code"] == "not_implemented" and "not implemented in ember" in err["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/files", "/v1/fine_tuning/jobs", "/v1/files/file-abc/content"])
+def test_files_and_fine_tuning_say_how_to_turn_them_on(small_server, path):
+    r = httpx.get(small_server[0] + path)
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "not_enabled" and "--fine-tuning" in err["message"]
+
+
 def test_unknown_routes_say_so(small_server):
     r = httpx.get(small_server[0] + "/v1/filesystem")
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_route"
