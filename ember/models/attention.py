@@ -93,7 +93,11 @@ def packed_attention(
     """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]: causal SDPA per example (autograd-capable).
 
     One SDPA call per example rather than one over a [T, T] block-diagonal mask: the mask would cost
-    T^2 work and memory where the examples need sum(n^2), and without a mask SDPA takes its fused path."""
+    T^2 work and memory where the examples need sum(n^2), and without a mask SDPA takes its fused path.
+    K and V are expanded to the query heads first: with enable_gqa the CPU takes the unfused math path."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out, start = [], 0
     for n in meta.seq_lens:
         rows = slice(start, start + n)
@@ -109,7 +113,6 @@ def packed_attention(
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
-            enable_gqa=True,
         )
         out.append(o.transpose(0, 1))
         start += n

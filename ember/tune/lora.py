@@ -70,17 +70,17 @@ class LoRATrainLinear(nn.Module):
         if self.dropout is None:  # one matmul for every part's A: [T, n_parts * r]
             a = torch.cat([self.lora_A[n] for n in self.trained]) if len(self.trained) > 1 else None
             a = a if a is not None else self.lora_A[self.trained[0]]
-            xa = (x @ a.to(x.dtype).t()).split(self.r, dim=-1)
+            xa = x @ a.to(x.dtype).t()
         else:  # PEFT draws an independent dropout mask per sub-module
-            xa = [self.dropout(x) @ self.lora_A[n].to(x.dtype).t() for n in self.trained]
-        pieces, i = [], 0
-        for name, _, width in self.parts:
-            if name in self.lora_B:
-                pieces.append((xa[i] @ self.lora_B[name].to(x.dtype).t()) * self.scaling)
-                i += 1
-            else:
-                pieces.append(y.new_zeros(y.shape[0], width))
-        return y + (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1))
+            xa = torch.cat([self.dropout(x) @ self.lora_A[n].to(x.dtype).t() for n in self.trained], dim=-1)
+        # Every part's B as one block-diagonal [out, n_parts * r] (zero rows for parts not trained), so the
+        # whole delta is one addmm into the base output: no per-part slices, concatenations or zero fills.
+        blocks = [
+            self.lora_B[name] if name in self.lora_B else self.lora_B[self.trained[0]].new_zeros(width, 0)
+            for name, _, width in self.parts
+        ]
+        b = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
+        return torch.addmm(y, xa, b.to(x.dtype).t(), alpha=self.scaling)
 
 
 def add_lora(
