@@ -129,6 +129,10 @@ def run_trl(args, data) -> dict:
 
 
 def child(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = make_data(args.steps * args.rows * args.per_row, args.length, args.prompt)
     result = (run_ember if args.which == "ember" else run_trl)(args, data)
     stamps = result["stamps"]
@@ -163,6 +167,7 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     ap.add_argument("--which", choices=["ember", "trl"])
     ap.add_argument("--out", default="/tmp/tune_vs_trl")
     ap.add_argument("--report", default=str(ROOT / "benchmarks" / "TUNE.md"))
@@ -187,7 +192,8 @@ def main() -> None:
         f"Model {args.model}, {args.dtype}, LoRA r={args.r} alpha={2 * args.r} on all seven projections, "
         f"{args.rows} x {args.max_length} packed tokens per step ({args.rows * args.per_row} examples of "
         f"{args.length} tokens, {args.prompt} unsupervised), activation checkpointing "
-        f"{'on' if args.checkpointing else 'off'} on both, {args.steps} steps of which {args.warmup} untimed, one run.",
+        f"{'on' if args.checkpointing else 'off'} on both, {args.steps} steps of which {args.warmup} untimed, "
+        f"{args.threads or 'default'} torch threads, one run.",
         "",
         "| trainer | tokens/s | s/step | peak RSS (MiB) |",
         "| --- | ---: | ---: | ---: |",
