@@ -60,7 +60,9 @@ class LoRATrainLinear(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         with torch.no_grad():
             for name in self.trained:  # PEFT: kaiming_uniform_(A, a=sqrt(5)); B = 0
-                nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5), generator=generator)
+                a = torch.empty(self.lora_A[name].shape)  # drawn on the host: the same values on any device
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+                self.lora_A[name].copy_(a)
                 self.lora_B[name].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
