@@ -93,8 +93,8 @@ def packed_attention(
     """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]: causal SDPA per example (autograd-capable).
 
     One SDPA call per example rather than one over a [T, T] block-diagonal mask: the mask would cost
-    T^2 work and memory where the examples need sum(n^2), and without a mask SDPA takes its fused path.
-    K and V are expanded to the query heads first: with enable_gqa the CPU takes the unfused math path.
+    T^2 work and memory where the examples need sum(n^2) (and a GPU's fused kernels take is_causal).
+    K and V are expanded to the query heads first, a layout every SDPA backend takes.
     The math runs in float32: on the CPU, SDPA's bfloat16 path (forward and backward) is ~10x slower."""
     dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
