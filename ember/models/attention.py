@@ -74,6 +74,54 @@ def write_kv(
     v_cache.view(hkv, -1, d).index_copy_(1, slots, v.transpose(0, 1))
 
 
+@dataclass
+class PackedMetadata:
+    """Training: whole examples back to back in one flat batch, no KV cache. Each example attends causally
+    within itself only (a block-diagonal causal mask), its positions starting from 0."""
+
+    seq_lens: list[int]
+    sliding_window: int | None = None
+
+    @cached_property
+    def positions(self) -> torch.Tensor:  # [T] long, reset at every example
+        return torch.cat([torch.arange(n) for n in self.seq_lens])
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D], k and v [T, Hkv, D] -> [T, Hq, D]: causal SDPA per example (autograd-capable).
+
+    One SDPA call per example rather than one over a [T, T] block-diagonal mask: the mask would cost
+    T^2 work and memory where the examples need sum(n^2) (and a GPU's fused kernels take is_causal).
+    K and V are expanded to the query heads first, a layout every SDPA backend takes.
+    The math runs in float32: on the CPU, SDPA's bfloat16 path (forward and backward) is ~10x slower."""
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out, start = [], 0
+    for n in meta.seq_lens:
+        rows = slice(start, start + n)
+        mask, causal = None, True
+        if meta.sliding_window is not None and n > meta.sliding_window:
+            pos = torch.arange(n, device=q.device)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - meta.sliding_window)
+            causal = False
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1),  # [Hq, n, D]
+            k[rows].transpose(0, 1),
+            v[rows].transpose(0, 1),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=scale,
+        )
+        out.append(o.transpose(0, 1))
+        start += n
+    return torch.cat(out).to(dtype)
+
+
 # (q [B, Hq, D], k_cache, v_cache, meta, scale, out [B, Hq, D]) -> None: a backend's decode_attention
 DecodeAttention = Callable[..., None]
 

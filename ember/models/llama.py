@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ember.backends import REFERENCE, Backend
-from ember.models.attention import AttentionMetadata, paged_attention
+from ember.models.attention import AttentionMetadata, PackedMetadata, packed_attention, paged_attention
 from ember.models.config import ModelConfig
 from ember.models.projections import BY_NAME, PROJECTIONS
-from ember.models.rope import RotaryEmbedding
+from ember.models.rope import RotaryEmbedding, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -68,13 +69,19 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # [T, hidden]
         cos_sin: tuple[torch.Tensor, torch.Tensor],  # [T, 1, D] each
-        kv_cache: tuple[torch.Tensor, torch.Tensor],  # in the backend's KV layout
-        meta: AttentionMetadata,
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,  # in the backend's KV layout; None: training
+        meta: AttentionMetadata | PackedMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        k_cache, v_cache = kv_cache
         cos, sin = cos_sin
         qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        if kv_cache is None:  # training: dense over packed examples, pure torch ops so autograd runs
+            kv_size = self.num_kv_heads * self.head_dim
+            q, k, v = qkv.split([self.q_size, kv_size, kv_size], dim=-1)
+            q, k = apply_rotary(cos_sin, q.view(t, self.num_heads, -1), k.view(t, self.num_kv_heads, -1))
+            o = packed_attention(q, k, v.view(t, self.num_kv_heads, -1), meta, self.scale)
+            return self.o_proj(o.reshape(t, self.q_size))
+        k_cache, v_cache = kv_cache
         q = self._rope_write_kv(
             qkv, cos.view(t, -1), sin.view(t, -1), meta.slot_mapping, k_cache, v_cache, self.num_heads
         )  # [T, Hq, D]
@@ -112,6 +119,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.backend = backend
+        self.checkpoint_layers = False  # activation checkpointing, training only
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
@@ -126,12 +134,20 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        meta: AttentionMetadata | PackedMetadata,
     ) -> torch.Tensor:
-        """-> hidden states after the final norm, [T, hidden]."""
+        """-> hidden states after the final norm, [T, hidden]. kv_caches None with PackedMetadata: the
+        dense training pass (ember.tune), where `checkpoint_layers` recomputes each layer in backward."""
         x = self.embed_tokens(input_ids)
         cos_sin = self.rope.cos_sin(positions, x.dtype)
+        if kv_caches is None:
+            for layer in self.layers:
+                if self.checkpoint_layers and torch.is_grad_enabled():
+                    x = checkpoint(layer, x, cos_sin, None, meta, use_reentrant=False)
+                else:
+                    x = layer(x, cos_sin, None, meta)
+            return self.norm(x)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, cos_sin, kv, meta)
         return self.norm(x)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ember.backends import select_backend
+from ember.backends import REFERENCE, select_backend
 from ember.models.config import ModelConfig
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed import pack_model, packing_available
@@ -21,9 +21,12 @@ def load_model(
     device: torch.device,
     max_positions: int | None = None,
     quantization: str | None = None,
+    training: bool = False,
 ) -> LlamaForCausalLM:
+    """training: for ember.tune, the reference backend's autograd-capable ops and plain nn.Linear weights
+    (no packing), left in train mode."""
     # The backend first: it refuses a quantization no kernel here computes, before any weight is read.
-    backend = select_backend(device, dtype, quantization)
+    backend = REFERENCE if training else select_backend(device, dtype, quantization)
     # Construct without initialising (the checkpoint overwrites every parameter), then load.
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions, backend)
@@ -34,7 +37,10 @@ def load_model(
     model.rope.to(device)
     if quantization is not None:  # from the fp32 weights; the quantized buffers are bf16 already
         quantize_model(model, quantization, backend)
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype)
+    if training:
+        return model.train()
+    model.eval()
     if device.type == "cpu" and dtype == torch.float32 and quantization is None and packing_available():
         pack_model(model)  # oneDNN's matmul on reordered weights: faster at every batch size here
     return model
