@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
-INSTRUCTION = "Rewrite the date as YYYY-MM-DD. Answer with the date only."
+INSTRUCTION = "Rewrite the date as YYYY-MM-DD. Answer with the date only."  # the system message
 MONTHS = [dt.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
 
 
@@ -58,7 +58,8 @@ def dates(n: int, seed: int, exclude: set[dt.date] = frozenset()) -> list[tuple[
 
 
 def messages(text: str) -> list[dict]:
-    return [{"role": "user", "content": f"{INSTRUCTION}\nDate: {text}"}]
+    # Short on purpose: on 2 CPU cores the trainer does tens of tokens a second, so tokens are minutes.
+    return [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": text}]
 
 
 def wrong(rng: random.Random, day: dt.date, text: str) -> str:
@@ -209,7 +210,7 @@ def main() -> None:
     sft_m = [m for m in sft_metrics if m["type"] == "metrics"]
     dpo_m = [m for m in dpo_metrics if m["type"] == "metrics"]
     examples = "\n".join(
-        f"| `{row['messages'][0]['content'].split('Date: ')[1]}` | `{row['answer']}` | `{b}` | `{s}` |"
+        f"| `{row['messages'][-1]['content']}` | `{row['answer']}` | `{b}` | `{s}` |"
         for row, b, s in list(zip(test, base_out, sft_out, strict=True))[:8]
     )
     a.report.write_text(
