@@ -73,7 +73,7 @@ def wrong(rng: random.Random, day: dt.date, text: str) -> str:
     return f"{MONTHS[day.month - 1]} {day.day}, {day.year}"
 
 
-def write_sets(work: Path, n_train: int, n_test: int) -> dict[str, Path]:
+def write_sets(work: Path, n_train: int, n_pairs: int, n_test: int) -> dict[str, Path]:
     train = dates(n_train, seed=1)
     test = dates(n_test, seed=2, exclude={d for _, d in train})
     rng = random.Random(3)
@@ -82,7 +82,7 @@ def write_sets(work: Path, n_train: int, n_test: int) -> dict[str, Path]:
             {"messages": [*messages(t), {"role": "assistant", "content": d.isoformat()}]} for t, d in train
         ],
         "sft_test": [{"messages": messages(t), "answer": d.isoformat()} for t, d in test],
-        "dpo_train": [_pair(t, d, rng) for t, d in train[: n_train // 2]],
+        "dpo_train": [_pair(t, d, rng) for t, d in train[:n_pairs]],
         "dpo_test": [_pair(t, d, rng) for t, d in test],
     }
     work.mkdir(parents=True, exist_ok=True)
@@ -176,17 +176,18 @@ def cpu() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/ember-tune-learns"))
-    ap.add_argument("--train", type=int, default=400)
+    ap.add_argument("--train", type=int, default=160, help="SFT examples")
+    ap.add_argument("--pairs", type=int, default=64, help="DPO training pairs (dates from the SFT set)")
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument(
         "--sft-args", default="--epochs 3 --lr 1e-3 --batch-size 8 --rank 8 --alpha 16 --max-len 128"
     )
-    ap.add_argument("--dpo-args", default="--epochs 2 --lr 5e-4 --batch-size 8 --beta 0.1 --max-len 128")
+    ap.add_argument("--dpo-args", default="--epochs 1 --lr 5e-4 --batch-size 4 --beta 0.1 --max-len 128")
     ap.add_argument("--report", type=Path, default=HERE / "TUNE_LEARNS.md")
     a = ap.parse_args()
 
     shutil.rmtree(a.work, ignore_errors=True)
-    paths = write_sets(a.work, a.train, a.test)
+    paths = write_sets(a.work, a.train, a.pairs, a.test)
     test = [json.loads(line) for line in paths["sft_test"].read_text().splitlines()]
     sft_cmd, sft_s = tune("sft", paths["sft_train"], a.work / "sft", a.sft_args.split())
     dpo_cmd, dpo_s = tune("dpo", paths["dpo_train"], a.work / "dpo", a.dpo_args.split())
@@ -227,7 +228,7 @@ Task: rewrite a date written in one of seven styles as `YYYY-MM-DD`; {a.train} t
 | gain | **{(sft - base) * 100:+.0f} points** |
 | after DPO alone (for reference) | {dpo_em:.0%} |
 
-DPO ({a.train // 2} training pairs, {len(dpo_m)} steps, {dpo_s:.0f} s), measured on {held["pairs"]} held-out
+DPO ({a.pairs} training pairs, {len(dpo_m)} steps, {dpo_s:.0f} s), measured on {held["pairs"]} held-out
 pairs with PEFT on transformers (adapter on vs off):
 
 | | held-out |
