@@ -188,7 +188,7 @@ def _request(obj: dict, n: int, where: str = "") -> ChatCompletionRequest:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}messages must be a non-empty list of messages", n)
     calls: set[str] = set()
-    declared = {t.get("function", {}).get("name") for t in obj.get("tools") or [] if isinstance(t, dict)}
+    declared = {_name(t) for t in obj.get("tools") or [] if isinstance(t, dict)}
     for i, m in enumerate(messages):
         at = f"{where}messages[{i}]"
         if not isinstance(m, dict):
@@ -208,7 +208,7 @@ def _request(obj: dict, n: int, where: str = "") -> ChatCompletionRequest:
             if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
                 raise DataError(f"{at}: tool_calls must be a list", n)
             for c in m.get("tool_calls") or []:
-                name = c.get("function", {}).get("name") if isinstance(c, dict) else None
+                name = _name(c) if isinstance(c, dict) else None
                 if obj.get("tools") and isinstance(name, str) and name not in declared:
                     raise DataError(f"{at} calls {name!r}, which is not among the tools", n)
                 if isinstance(c, dict) and isinstance(c.get("id"), str):
@@ -229,6 +229,12 @@ def _request(obj: dict, n: int, where: str = "") -> ChatCompletionRequest:
     except InvalidRequest as exc:
         raise DataError(f"{where}{exc}", n) from None
     return body
+
+
+def _name(entry: dict) -> str | None:
+    """The function name of a tool definition or a tool call, if it has one."""
+    function = entry.get("function")
+    return function.get("name") if isinstance(function, dict) else None
 
 
 def _loc(loc: tuple) -> str:
@@ -343,9 +349,7 @@ def _pair(obj: dict, tokenizer: Tokenizer, n: int, max_len: int | None, out: Exa
             raise DataError(f"{key} must be a list of one assistant message", n)
         if value[0].get("role") != "assistant":
             raise DataError(f"{key}[0] must have role assistant", n)
-        body = _request(
-            {**obj["input"], "messages": [*obj["input"]["messages"], value[0]]}, n, f"{key}+input."
-        )
+        body = _request({**obj["input"], "messages": [*obj["input"]["messages"], value[0]]}, n, f"{key}: ")
         i = len(body.messages) - 1
         full = _render(tokenizer, body, i + 1, False, n)
         start, end = _turn(tokenizer, body, i, full, n)

@@ -313,6 +313,11 @@ BAD_SFT = [
     ),
     ({"messages": [USER, {"role": "assistant", "content": [{"type": "image_url"}]}]}, "not supported"),
     ({"messages": [USER, {"role": "assistant", "content": "\n\nhello"}]}, "not a prefix"),
+    (
+        {"messages": [USER, ASSISTANT], "tools": [{"type": "function", "function": "f"}]},
+        r"tools\[0\].function",
+    ),
+    ({"messages": [USER, {"role": "assistant", "tool_calls": ["f"]}]}, r"messages\[1\].tool_calls\[0\]"),
     ({"prompt": "a"}, "completion must be a non-empty string"),
     ({"prompt": "a", "completion": "b", "x": 1}, "unknown field 'x'"),
     ({"input": {}, "preferred_output": [], "non_preferred_output": []}, "method dpo"),
@@ -355,6 +360,10 @@ BAD_DPO = [
     ({**PAIR, "non_preferred_output": [USER]}, r"non_preferred_output\[0\] must have role assistant"),
     ({**PAIR, "non_preferred_output": [ASSISTANT]}, "are the same"),
     ({**PAIR, "extra": 1}, "unknown field 'extra'"),
+    (
+        {**PAIR, "preferred_output": [{"role": "assistant", "content": ""}]},
+        r"preferred_output: messages\[1\]: .*needs content",
+    ),
     (CORPUS[0], "method sft"),
 ]
 
