@@ -160,6 +160,11 @@ def reward_accuracy(adapter: str, pairs_path: Path, beta: float) -> dict:
     }
 
 
+def _spread(metrics: list[dict]) -> str:
+    speeds = sorted(m["tokens_per_s"] for m in metrics)
+    return f"{speeds[0]:.0f} / {speeds[len(speeds) // 2]:.0f} / {speeds[-1]:.0f}"
+
+
 def cpu() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -243,6 +248,9 @@ here), which runs
 
     {sft_cmd.replace(str(a.work), "$WORK")}
     {dpo_cmd.replace(str(a.work), "$WORK")}
+
+Trainer throughput per step (tokens/s, min / median / max): SFT {_spread(sft_m)}, DPO {_spread(dpo_m)}. The
+2 cores are shared with other work on this machine; the spread is that, not the trainer.
 
 SFT: train loss {sft_m[0]["train_loss"]:.3f} at step 1 -> {sft_m[-1]["train_loss"]:.3f} at step {len(sft_m)}.
 
