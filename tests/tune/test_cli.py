@@ -3,6 +3,7 @@ through the SDK calls. The trainer is a stand-in here (the real one is tested in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -45,6 +46,14 @@ class FakeResult:
     tokens: int
     seconds: float
     metrics: dict
+
+
+def test_stand_in_matches_the_trainer():
+    """The fields the CLI sets exist in the real TuneConfig (where the trainer is installed)."""
+    real = pytest.importorskip("ember.tune.trainer")
+    assert {f.name for f in dataclasses.fields(FakeConfig)} <= {
+        f.name for f in dataclasses.fields(real.TuneConfig)
+    }
 
 
 @pytest.fixture
