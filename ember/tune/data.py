@@ -98,7 +98,14 @@ def load_dpo(path_or_lines, tokenizer: Tokenizer, max_len: int | None = None) ->
     """Preference lines -> pairs; every line is checked."""
     out = Examples()
     for n, obj in _objects(path_or_lines):
-        out.append(_pair(obj, tokenizer, n, max_len, out))
+        pair = _pair(obj, tokenizer, n)
+        if (
+            max_len is not None
+            and len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)) > max_len
+        ):
+            pair = _cut(pair, max_len, n)
+            out.truncated += 1
+        out.append(pair)
     if not out:
         raise DataError(_nothing_to_learn(out, ""))
     _report(out, max_len)
@@ -106,7 +113,7 @@ def load_dpo(path_or_lines, tokenizer: Tokenizer, max_len: int | None = None) ->
 
 
 def detect_method(path_or_lines) -> str:
-    """ "sft" or "dpo", from the first line that is a JSON object."""
+    """Which method a file is for, "sft" or "dpo", from its first line that is a JSON object."""
     for n, line in _lines(path_or_lines):
         try:
             obj = json.loads(line)
@@ -327,7 +334,7 @@ def _completion(obj: dict, tokenizer: Tokenizer, n: int) -> tuple[list[int], lis
     return prompt + completion, [False] * len(prompt) + [True] * len(completion)
 
 
-def _pair(obj: dict, tokenizer: Tokenizer, n: int, max_len: int | None, out: Examples) -> DPOPair:
+def _pair(obj: dict, tokenizer: Tokenizer, n: int) -> DPOPair:
     if "messages" in obj or "prompt" in obj:
         raise DataError("an SFT example in a DPO file; train it with method sft", n)
     missing = [k for k in sorted(DPO_KEYS) if k not in obj]
@@ -357,14 +364,16 @@ def _pair(obj: dict, tokenizer: Tokenizer, n: int, max_len: int | None, out: Exa
     chosen, rejected = outputs
     if chosen == rejected:
         raise DataError("preferred_output and non_preferred_output are the same", n)
-    if max_len is not None and len(prompt) + max(len(chosen), len(rejected)) > max_len:
-        room = max_len - len(prompt)
-        if room < 1:
-            raise DataError(
-                f"the prompt is {len(prompt)} tokens, which leaves no room under max_len {max_len} for the "
-                "outputs; raise max_len or shorten the prompt",
-                n,
-            )
-        chosen, rejected = chosen[:room], rejected[:room]
-        out.truncated += 1
     return DPOPair(prompt, chosen, rejected)
+
+
+def _cut(pair: DPOPair, max_len: int, n: int) -> DPOPair:
+    """Both outputs cut from the right to fit max_len after the prompt (the prompt is never cut)."""
+    room = max_len - len(pair.prompt_ids)
+    if room < 1:
+        raise DataError(
+            f"the prompt is {len(pair.prompt_ids)} tokens, which leaves no room under max_len {max_len} for "
+            "the outputs; raise max_len or shorten the prompt",
+            n,
+        )
+    return DPOPair(pair.prompt_ids, pair.chosen_ids[:room], pair.rejected_ids[:room])
