@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=64, help="DPO training pairs (dates from the SFT set)")
     ap.add_argument("--test", type=int, default=100)
     ap.add_argument(
-        "--sft-args", default="--epochs 3 --lr 1e-3 --batch-size 8 --rank 8 --alpha 16 --max-len 128"
+        "--sft-args", default="--epochs 1 --lr 1e-3 --batch-size 8 --rank 8 --alpha 16 --max-len 128"
     )
     ap.add_argument("--dpo-args", default="--epochs 1 --lr 5e-4 --batch-size 4 --beta 0.1 --max-len 128")
     ap.add_argument("--report", type=Path, default=HERE / "TUNE_LEARNS.md")
@@ -243,8 +243,8 @@ pairs with PEFT on transformers (adapter on vs off):
 | base model prefers the chosen answer | {held["base_prefers_chosen"]:.2f} |
 | last training step's rewards/accuracies | {dpo_m[-1].get("rewards/accuracies", float("nan")):.2f} |
 
-Reproduce: `.venv/bin/python benchmarks/tune_learns.py` (about {(sft_s + dpo_s) / 60:.0f} minutes of training
-here), which runs
+Reproduce: `.venv/bin/python benchmarks/tune_learns.py` ({sft_s + dpo_s:.0f} s in the two
+`ember tune` runs here, model loading included), which runs
 
     {sft_cmd.replace(str(a.work), "$WORK")}
     {dpo_cmd.replace(str(a.work), "$WORK")}
