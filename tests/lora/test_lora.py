@@ -121,9 +121,13 @@ def test_prefix_cache_is_not_shared_across_adapters(adapters):
     params = SamplingParams(temperature=0, max_tokens=2)
     cached = [llm.generate(prompt, params, lora=a)[0].num_cached_tokens for a in ("qv4", "all8", None, "qv4")]
     assert cached == [0, 0, 0, 32]
-    # A name removed and added again is a new adapter: nothing cached under the old one is reused.
+    # The cache is keyed by the adapter's weights, not its name: the same weights again reuse their KV,
+    # other weights under the old name (a new version) reuse nothing.
     llm.engine.remove_lora("qv4")
     llm.add_lora("qv4", str(root / "qv4"))
+    assert llm.generate(prompt, params, lora="qv4")[0].num_cached_tokens == 32
+    llm.engine.remove_lora("qv4")
+    llm.add_lora("qv4", str(root / "mlp16"))  # weights no request of this prompt has run with
     assert llm.generate(prompt, params, lora="qv4")[0].num_cached_tokens == 0
 
 

@@ -69,6 +69,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
         resolve_model("gpt-17")
     assert str(e.value) == (
         "unknown model 'gpt-17'; known: smollm2-135m-instruct; or pass a local path or a Hugging Face repo id"
+        " (`ember models import NAME PATH` names a local one)"
     )
     assert isinstance(e.value, ValueError)
 
