@@ -78,6 +78,22 @@ def render(body: ChatCompletionRequest, template: str | None) -> tuple[list[dict
     return messages, None
 
 
+def prompt_ids(
+    body: ChatCompletionRequest, tokenizer, add_generation_prompt: bool | None = None
+) -> list[int]:
+    """The token ids a chat request's prompt is, as the server sends them to the engine (and the trainer
+    trains on them: ember.tune.data renders through here too). `tokenizer`: an ember.tokenizer.Tokenizer;
+    `add_generation_prompt` overrides the request's."""
+    messages, tool_defs = render(body, tokenizer.hf.chat_template)
+    return tokenizer.apply_chat_template(
+        messages,
+        body.add_generation_prompt if add_generation_prompt is None else add_generation_prompt,
+        tool_defs,
+        body.continue_final_message,
+        body.chat_template_kwargs,
+    )
+
+
 def _describe(tool: Tool) -> dict:
     f = tool.function
     out: dict[str, Any] = {"name": f.name}

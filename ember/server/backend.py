@@ -129,17 +129,8 @@ class EngineBackend:
         if self.engine.inputs is not None:  # bound the text before the template and tokenizer read it all
             self.engine.inputs.check_text_length(_content_chars(body), param="messages")
         check_text(body)
-        tokenizer = self.engine.tokenizer
-        messages, tool_defs = tools.render(body, tokenizer.hf.chat_template)
         # Templates render off the event loop: a long history takes a while.
-        prompt_ids = await asyncio.to_thread(
-            tokenizer.apply_chat_template,
-            messages,
-            body.add_generation_prompt,
-            tool_defs,
-            body.continue_final_message,
-            body.chat_template_kwargs,
-        )
+        prompt_ids = await asyncio.to_thread(tools.prompt_ids, body, self.engine.tokenizer)
         top = body.requested_logprobs()
         params = body.sampling_params(None, top)
         params.structured = tools.constraint(body)

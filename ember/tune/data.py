@@ -7,8 +7,8 @@ Formats (one JSON object a line):
 - DPO, OpenAI's preference lines: `{"input": {"messages": [...], "tools"?: [...]}, "preferred_output":
   [assistant message], "non_preferred_output": [assistant message]}`.
 
-A conversation goes through the server's own path (a ChatCompletionRequest, `tools.render`, then
-`Tokenizer.apply_chat_template`), so a model trains on the tokens it will be served. The loss mask comes
+A conversation goes through the server's own path (a ChatCompletionRequest into `tools.prompt_ids`,
+what the chat route calls), so a model trains on the tokens it will be served. The loss mask comes
 from rendering prefixes: the tokens of assistant turn i are those between the render of messages[:i] with
 the generation prompt (what the server sends the model) and the render of messages[:i+1], up to and
 including the EOS that ends the turn (the server stops there; the template's separator after it is never
@@ -264,10 +264,9 @@ def _render(
     """The token ids of the first k messages, rendered as the server renders a chat request."""
     part = body.model_copy(update={"messages": body.messages[:k]})
     try:
-        messages, tool_defs = tools.render(part, tokenizer.hf.chat_template)
+        return tools.prompt_ids(part, tokenizer, generation_prompt)
     except InvalidRequest as exc:
         raise DataError(str(exc), n) from None
-    return tokenizer.apply_chat_template(messages, generation_prompt, tool_defs)
 
 
 def _turn(

@@ -1,19 +1,18 @@
 """`ember tune`: flags -> TuneConfig, bad files refused before training, report and plot written; --serve
-through the SDK calls. The trainer is a stand-in here (the real one is tested in its own module)."""
+through the SDK calls. The trainer's train() is a stand-in here (the real one is tested in its own module)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import types
-from dataclasses import dataclass, field
 
 import pytest
 from typer.testing import CliRunner
 
 from ember.cli import app
 from ember.tune import remote
+from ember.tune.trainer import TrainResult, TuneConfig
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 PAIR = {
@@ -21,39 +20,6 @@ PAIR = {
     "preferred_output": [{"role": "assistant", "content": "hello"}],
     "non_preferred_output": [{"role": "assistant", "content": "go away"}],
 }
-
-
-@dataclass
-class FakeConfig:  # the contract's TuneConfig fields the CLI sets
-    method: str = "sft"
-    r: int = 8
-    lora_alpha: int = 16
-    target_modules: list[str] = field(default_factory=list)
-    epochs: int = 1
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    beta: float = 0.1
-    max_len: int = 1024
-    seed: int = 0
-
-
-@dataclass
-class FakeResult:
-    adapter_dir: str
-    steps: int
-    train_loss: float
-    valid_loss: float | None
-    tokens: int
-    seconds: float
-    metrics: dict
-
-
-def test_stand_in_matches_the_trainer():
-    """The fields the CLI sets exist in the real TuneConfig (where the trainer is installed)."""
-    real = pytest.importorskip("ember.tune.trainer")
-    assert {f.name for f in dataclasses.fields(FakeConfig)} <= {
-        f.name for f in dataclasses.fields(real.TuneConfig)
-    }
 
 
 @pytest.fixture
@@ -77,9 +43,9 @@ def trainer(monkeypatch):
             )
         on_event({"type": "checkpoint", "step": 3, "path": f"{out_dir}/checkpoint-3", "metrics": {}})
         extra = {"rewards/accuracies": 0.9} if cfg.method == "dpo" else {}
-        return FakeResult(f"{out_dir}/adapter", 3, 2.0 / 3, 1.0 if valid_data else None, 300, 1.5, extra)
+        return TrainResult(f"{out_dir}/adapter", 3, 2.0 / 3, 1.0 if valid_data else None, 300, 1.5, extra)
 
-    module = types.SimpleNamespace(train=train, TuneConfig=FakeConfig)
+    module = types.SimpleNamespace(train=train, TuneConfig=TuneConfig)
     monkeypatch.setitem(sys.modules, "ember.tune.trainer", module)
     return calls
 
