@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from ember.models.catalog import DEFAULT_MODEL, resolve_model
+
+# Servers the tests start keep their store (files, responses, traces...) in a directory of this run, never
+# in the user's own data directory; a test that needs its own store passes --data-dir.
+os.environ.setdefault("EMBER_DATA_DIR", tempfile.mkdtemp(prefix="ember-test-data-"))
 
 _TOKENIZER_FILES = (
     "tokenizer.json",

@@ -159,6 +159,11 @@ class ServerConfig:
         help="the store's database: sqlite:///PATH or postgresql://... (default: SQLite under --data-dir)",
         secret=True,
     )
+    store: bool = setting(
+        True,
+        help="keep a store (a database and a file directory under --data-dir): /v1/files, stored responses "
+        "and completions, batches, evals; off: those routes answer 404 not_enabled",
+    )
     max_upload_bytes: int | str = setting(
         "512MiB",
         help="the largest file /v1/files accepts (streamed to disk); past it, 413",
@@ -166,7 +171,7 @@ class ServerConfig:
     )
     fine_tuning: bool = setting(
         False,
-        help="serve /v1/files and /v1/fine_tuning, training in a worker process (implies --enable-lora, to "
+        help="serve /v1/fine_tuning, training in a worker process (implies --enable-lora, to "
         "serve what is tuned; off: a 404 that says how to turn it on)",
     )
     max_tuning_jobs: int = setting(1, help="fine-tuning jobs that train at once", minimum=1)
@@ -193,6 +198,8 @@ class ServerConfig:
                 "database_url", f"must be sqlite:///PATH or postgresql://... (got {self.database_url!r})"
             )
         check(self)
+        if self.fine_tuning and not self.store:
+            raise ConfigError("fine_tuning", "needs the store (--store): jobs and their files live in it")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be 0..65535 (got {self.port})")
         if self.max_request_bytes < 1024:

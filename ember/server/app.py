@@ -47,6 +47,14 @@ from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, Re
 from ember.server.files_api import Refusal
 from ember.server.middleware import AnswerErrors
 from ember.server.openapi import install_openapi
+from ember.server.platform import (
+    INTERACTIVE_PRIORITY,
+    STORE_PREFIXES,
+    CallResult,
+    Platform,
+    PlatformContext,
+    feature_modules,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +81,21 @@ _LORA_ERRORS = {
 }
 RETRY_AFTER_S = {429: "1", 503: "5"}
 OUTSIDE_ROOTS = "the adapter path is not under any adapter root of this server (see --lora-root)"
-TUNING_PREFIXES = ("/v1/files", "/v1/fine_tuning")  # served with --fine-tuning only
+TUNING_PREFIX = "/v1/fine_tuning"  # served with --fine-tuning only
 # OpenAI's routes that ember does not serve (yet): a 404 that says so, not a bare "Not Found".
 NOT_IMPLEMENTED = (
     "/v1/assistants",
     "/v1/audio",
-    "/v1/batches",
     "/v1/chatkit",
     "/v1/containers",
     "/v1/conversations",
     "/v1/edits",
     "/v1/engines",
-    "/v1/evals",
     "/v1/fine-tunes",
     "/v1/images",
     "/v1/moderations",
     "/v1/organization",
     "/v1/realtime",
-    "/v1/responses",
     "/v1/threads",
     "/v1/uploads",
     "/v1/vector_stores",
@@ -122,7 +127,10 @@ class ServerState:
     adapter_owners: dict[str, str] = field(default_factory=dict)
     metrics_public: bool = False  # /metrics without any key, like /health
     allow_unknown_fields: bool = False  # ignore request fields ember does not know, instead of a 400
-    tuning: object | None = None  # ember.server.tuning_api.Tuning: /v1/files and /v1/fine_tuning; None: off
+    tuning: object | None = None  # ember.server.tuning_api.Tuning: /v1/fine_tuning; None: off
+    platform: Platform | None = None  # the store (files, responses, traces, batches, evals); None: off
+    # Access to the platform features' routes (their ACCESS): route template -> user | user_or_admin | admin.
+    route_access: dict[str, str] = field(default_factory=dict)
 
     def tenant(self, key: str | None) -> str | None:
         """The owner id of a request made with `key` (as the gate accepted it): stable across restarts, so
@@ -141,6 +149,16 @@ class ServerState:
         shared = self.cache_namespaces.get(key)
         ident = f"namespace:{shared}" if shared is not None else f"key:{key}"
         return hmac.new(self.cache_secret, ident.encode(), hashlib.sha256).digest()
+
+    def cache_salt_of(self, tenant: str | None) -> bytes | None:
+        """The prefix-cache namespace of the key whose owner id is `tenant` (work the server runs for a
+        key it no longer has in hand: a batch after a restart); nothing shared if no key has it."""
+        if not self.api_keys:
+            return None
+        for key in self.api_keys:
+            if self.tenant(key) == tenant:
+                return self.cache_salt(key)
+        return os.urandom(32)
 
 
 def confined(path: str, roots: list[str]) -> str | None:
@@ -198,7 +216,10 @@ def create_app(
 
     # -- around every route: body limits, CORS, request ids (ember.server.middleware) -----------------
     tuning = state.tuning
-    streamed = {"/v1/files": tuning.max_upload_bytes} if tuning is not None else None
+    if tuning is not None and state.platform is None:  # a server made with the tuning store alone
+        state.platform = Platform(tuning.data_dir, tuning.store, tuning.blobs, tuning.max_upload_bytes)
+    platform = state.platform
+    streamed = {"/v1/files": platform.max_upload_bytes} if platform is not None else None
     middleware.install(
         app, options.max_request_bytes, options.body_timeout, options.allowed_origins, streamed
     )
@@ -293,11 +314,13 @@ def create_app(
         return state.tenant(getattr(request.state, "api_key", None))
 
     def _admit(name: str, request: Request) -> str | None:
+        return _admit_tenant(name, _tenant(request))
+
+    def _admit_tenant(name: str, tenant: str | None) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 for anything else,
         another key's private adapters included."""
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
-        tenant = _tenant(request)
         target = backend.resolve(name, tenant)
         if target is not False:
             return target
@@ -308,7 +331,9 @@ def create_app(
 
     def _context(request: Request) -> RequestContext:
         return RequestContext(
-            state.cache_salt(getattr(request.state, "api_key", None)), request.is_disconnected
+            state.cache_salt(getattr(request.state, "api_key", None)),
+            request.is_disconnected,
+            tenant=_tenant(request),
         )
 
     @app.post("/v1/chat/completions")
@@ -326,6 +351,9 @@ def create_app(
     @app.post("/v1/embeddings")
     async def embed(body: EmbeddingRequest):
         body.check_supported(state.allow_unknown_fields)
+        return await _embed(body)
+
+    async def _embed(body: EmbeddingRequest) -> dict:
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if embeddings is None or body.model != embeddings.name:
@@ -335,15 +363,130 @@ def create_app(
             )
         return await embeddings.embed(body)
 
-    if tuning is not None:
-        _install_tuning(app, tuning, engine, model_name, state)
+    # -- what runs inside the server: the same endpoints, called without HTTP (batches, evals) ---------
+
+    def _internal(tenant: str | None, priority: int) -> RequestContext:
+        return RequestContext(state.cache_salt_of(tenant), _never_gone, priority=priority, tenant=tenant)
+
+    async def chat_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
+        req = _unstreamed(ChatCompletionRequest, body)
+        req.check_supported(state.allow_unknown_fields)
+        return await backend.chat(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
+
+    async def completions_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
+        req = _unstreamed(CompletionRequest, body)
+        req.check_supported(state.allow_unknown_fields)
+        return await backend.complete(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
+
+    async def embeddings_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
+        req = EmbeddingRequest.model_validate(body)
+        req.check_supported(state.allow_unknown_fields)
+        return await _embed(req)
+
+    if platform is not None:
+        endpoints = {
+            "/v1/chat/completions": chat_endpoint,
+            "/v1/completions": completions_endpoint,
+            "/v1/embeddings": embeddings_endpoint,
+        }
+        ctx = PlatformContext(
+            state,
+            engine,
+            backend,
+            embeddings,
+            model_name,
+            platform,
+            _internal_caller(app, endpoints),
+            endpoints,
+        )
+        app.state.platform = ctx  # the features' context (tests and tools reach `call` through it)
+        _install_platform(app, ctx)
     return app
 
 
-def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, state: ServerState) -> None:
-    """The files and fine-tuning routes over `tuning` (ember.server.tuning_api.Tuning); its runner starts
-    and stops with the app."""
+async def _never_gone() -> bool:
+    return False
+
+
+def _unstreamed(model, body: dict):
+    if body.get("stream"):
+        raise InvalidRequest("'stream' is not supported for requests run inside the server", param="stream")
+    return model.model_validate(body)
+
+
+def _internal_caller(app: FastAPI, endpoints: dict):
+    """PlatformContext.call: run `path`'s endpoint on a JSON body for `tenant`; the status and body a
+    client would have got over HTTP, errors answered by the app's own exception handlers."""
+
+    async def call(path: str, body: dict, tenant: str | None, priority: int = INTERACTIVE_PRIORITY):
+        handler = endpoints.get(path)
+        if handler is None:
+            known = ", ".join(sorted(endpoints))
+            return CallResult(
+                400,
+                error_body(
+                    f"'{path}' cannot be called here; one of: {known}",
+                    "invalid_request_error",
+                    param="url",
+                    code="invalid_url",
+                ),
+            )
+        try:
+            return CallResult(200, await handler(body, tenant, priority))
+        except Exception as exc:  # answered as the route would have answered it
+            return await _answer_of(app, exc)
+
+    return call
+
+
+async def _answer_of(app: FastAPI, exc: Exception) -> CallResult:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        exc = RequestValidationError(exc.errors())
+    for kind in type(exc).__mro__:
+        handler = app.exception_handlers.get(kind)
+        if handler is not None and kind is not Exception:
+            response = await handler(None, exc)
+            return CallResult(response.status_code, json.loads(response.body or b"{}"))
+    log.exception("internal call failed", exc_info=exc)
+    response = _unexpected(exc)
+    return CallResult(response.status_code, json.loads(response.body))
+
+
+def _install_platform(app: FastAPI, ctx: PlatformContext) -> None:
+    """The files routes, fine-tuning (with --fine-tuning) and every platform feature, over the store; their
+    services start and stop with the app."""
     from ember.server.files_api import install_files
+
+    state, platform = ctx.state, ctx.platform
+    install_files(app, platform.store, platform.blobs, platform.max_upload_bytes, ctx.tenant_of)
+    if state.tuning is not None:
+        _install_tuning(app, state.tuning, ctx.engine, ctx.model_name, state)
+        ctx.services.append(state.tuning.runner)
+    for module in feature_modules():
+        state.route_access.update(getattr(module, "ACCESS", {}))
+        module.install(app, ctx)
+    outer = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(application):
+        async with outer(application) as inner:
+            started = []
+            try:
+                for service in ctx.services:
+                    await service.start()
+                    started.append(service)
+                yield inner
+            finally:
+                for service in reversed(started):
+                    await service.stop()
+
+    app.router.lifespan_context = lifespan
+
+
+def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, state: ServerState) -> None:
+    """The fine-tuning routes over `tuning` (ember.server.tuning_api.Tuning)."""
     from ember.server.tuning_api import install_tuning
 
     def tenant_of(request: Request) -> str | None:
@@ -356,21 +499,8 @@ def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, 
     source = getattr(config, "model", None) or model_name
     lora = getattr(config, "lora", None)
     template = getattr(config, "chat_template", None)
-    install_files(app, tuning.store, tuning.blobs, tuning.max_upload_bytes, tenant_of)
     max_rank = getattr(lora, "max_rank", None)
     install_tuning(app, tuning.store, tuning.runner, model_name, source, caller, max_rank, template)
-    outer = app.router.lifespan_context
-
-    @contextlib.asynccontextmanager
-    async def lifespan(application):
-        async with outer(application) as inner:
-            await tuning.runner.start()
-            try:
-                yield inner
-            finally:
-                await tuning.runner.stop()
-
-    app.router.lifespan_context = lifespan
 
 
 class _Refuse(Exception):
@@ -464,11 +594,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code != 404:
             return _error(exc.status_code, str(exc.detail))
         path = request.url.path
-        if any(path == p or path.startswith(p + "/") for p in TUNING_PREFIXES):  # served, but off here
+        if request.app.state.ember.platform is None and any(
+            path == p or path.startswith(p + "/") for p in (*STORE_PREFIXES, TUNING_PREFIX)
+        ):
             return _error(
                 404,
-                f"{request.method} {path}: files and fine-tuning are off on this server; start it with "
-                "--fine-tuning",
+                f"{request.method} {path}: this server runs without its store (--no-store); files, "
+                "responses, batches, evals and fine-tuning need it",
+                code="not_enabled",
+            )
+        if path == TUNING_PREFIX or path.startswith(TUNING_PREFIX + "/"):  # served, but off here
+            return _error(
+                404,
+                f"{request.method} {path}: fine-tuning is off on this server; start it with --fine-tuning",
                 code="not_enabled",
             )
         if any(path == p or path.startswith(p + "/") for p in NOT_IMPLEMENTED):
@@ -524,12 +662,15 @@ class _Gate:
         if not public:
             self.state.in_flight += 1
         try:
-            refusal = self._admin_refusal(scope, access) if access != "user" and not public else None
-            if refusal is None and access == "tuning":  # the admin key: its own tenant, adapters global
+            user = access in ("user", "user_or_admin")
+            refusal = self._admin_refusal(scope, access) if not user and not public else None
+            if refusal is None and access in ("tuning", "admin"):  # the admin key: its own tenant
                 scope.setdefault("state", {}).update(api_key=self.state.admin_key, admin=True)
-            if access == "user":
-                key = self._key(scope, admin_too=route in FILES_PATHS)
-                scope.setdefault("state", {})["api_key"] = key  # the handlers read request.state.api_key
+            if user:
+                key = self._key(scope, admin_too=access == "user_or_admin")
+                # The handlers read request.state.api_key (and .admin: whether it is the admin key).
+                admin = key is not None and key == self.state.admin_key
+                scope.setdefault("state", {}).update(api_key=key, admin=admin)
                 if self.state.api_keys and key is None:
                     refusal = _error(
                         401,
@@ -556,7 +697,12 @@ class _Gate:
         return partial
 
     def _access(self, route: str | None) -> str:
-        """public, user, admin, tuning or metrics."""
+        """public, user, user_or_admin, admin, tuning or metrics."""
+        declared = self.state.route_access.get(route)  # a platform feature's route
+        if declared is not None:
+            return declared
+        if route in FILES_PATHS:
+            return "user_or_admin"
         if route in PUBLIC_PATHS:
             return "public"
         if route in ADMIN_PATHS:

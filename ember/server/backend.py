@@ -36,6 +36,10 @@ class RequestContext:
 
     cache_salt: bytes | None  # the tenant's prefix-cache namespace
     disconnected: Callable[[], Awaitable[bool]]  # polled while the answer is computed
+    priority: int = (
+        0  # the engine serves lower numbers first (ember.server.platform: interactive 0, batch 10)
+    )
+    tenant: str | None = None  # the caller's owner id (ServerState.tenant); None: an open server
 
 
 class Stream:

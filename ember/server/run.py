@@ -105,6 +105,13 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def _shown_url(options: ServerConfig) -> str:
+    """The store's database URL as a log may show it: a password in it is not."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(options.store_url()).render_as_string(hide_password=True)
+
+
 def http_config(app, options: ServerConfig) -> uvicorn.Config:
     """uvicorn's settings for `app`: the listener, and the connection limits (ember.server.connections)."""
     return uvicorn.Config(
@@ -164,19 +171,24 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         metrics_public=options.metrics_public,
         allow_unknown_fields=options.allow_unknown_fields,
     )
+    if options.store:
+        from ember.server.platform import Platform
+
+        data_dir = options.store_dir()
+        log.info("the store: %s (files in %s)", _shown_url(options), data_dir / "files")
+        state.platform = Platform.open(data_dir, options.store_url(), options.max_upload_bytes)
     if options.fine_tuning:
         from ember.server.tuning_api import Tuning
 
-        data_dir = options.store_dir()
-        log.info("files and fine-tuning jobs in %s", data_dir)
         state.tuning = Tuning(
-            data_dir,
+            options.store_dir(),
             options.store_url(),
             engine,
             served,
             state.adapter_owners,
             options.max_upload_bytes,
             options.max_tuning_jobs,
+            platform=state.platform,
         )
     app = create_app(engine, served, state, options)
     if not keys.api:

@@ -222,13 +222,14 @@ class Tuning:
         owners: dict[str, str],
         max_upload_bytes: int,
         max_jobs: int = 1,
+        platform=None,  # ember.server.platform.Platform: its store and files; None: opened here
     ):
         from pathlib import Path
 
         from ember.store.files import FileStore
 
         self.data_dir = Path(data_dir)
-        self.store = Store(database_url)
-        self.blobs = FileStore(self.data_dir / "files")
+        self.store = platform.store if platform is not None else Store(database_url)
+        self.blobs = platform.blobs if platform is not None else FileStore(self.data_dir / "files")
         self.max_upload_bytes = max_upload_bytes
         self.runner = TuningRunner(self.store, self.data_dir, engine, model_name, owners, max_jobs)

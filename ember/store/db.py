@@ -8,6 +8,8 @@ step here, keyed on the `schema_version` row.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import secrets
 import time
@@ -87,6 +89,16 @@ checkpoints = sa.Table(
 
 versions = sa.Table("schema_version", meta, sa.Column("version", sa.Integer, nullable=False))
 
+# The platform features' tables are declared in their own modules on `meta` (with sa.JSON columns for
+# JSON); `connect` imports those that exist before it creates what is missing.
+FEATURE_TABLES = (
+    "ember.store.traces",
+    "ember.store.aliases",
+    "ember.store.evals",
+    "ember.store.responses",
+    "ember.store.batches",
+)
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
@@ -113,6 +125,9 @@ def connect(url: str) -> sa.Engine:
             cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
+    for name in FEATURE_TABLES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
     meta.create_all(engine)
     with engine.begin() as conn:
         if conn.execute(sa.select(versions)).first() is None:

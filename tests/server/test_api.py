@@ -97,11 +97,8 @@ def test_models_can_be_listed_and_retrieved_with_their_context_length(small_serv
 @pytest.mark.parametrize(
     "method,path",
     [
-        ("POST", "/v1/evals"),
         ("POST", "/v1/uploads"),
         ("GET", "/v1/vector_stores"),
-        ("GET", "/v1/batches/batch_1"),
-        ("POST", "/v1/responses"),
         ("POST", "/v1/audio/transcriptions"),
         ("POST", "/v1/images/generations"),
         ("POST", "/v1/moderations"),
@@ -116,12 +113,22 @@ def test_openai_routes_ember_does_not_serve_say_so(small_server, method, path):
     assert err["code"] == "not_implemented" and "not implemented in ember" in err["message"]
 
 
-@pytest.mark.parametrize("path", ["/v1/files", "/v1/fine_tuning/jobs", "/v1/files/file-abc/content"])
-def test_files_and_fine_tuning_say_how_to_turn_them_on(small_server, path):
-    r = httpx.get(small_server[0] + path)
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/files",
+        "/v1/fine_tuning/jobs",
+        "/v1/files/file-abc/content",
+        "/v1/responses/resp_1",
+        "/v1/batches",
+        "/v1/evals",
+    ],
+)
+def test_the_stores_routes_say_the_store_is_off(small_server, path):
+    r = httpx.get(small_server[0] + path)  # small_server is made without a store, as --no-store
     assert r.status_code == 404
     err = r.json()["error"]
-    assert err["code"] == "not_enabled" and "--fine-tuning" in err["message"]
+    assert err["code"] == "not_enabled" and "--no-store" in err["message"]
 
 
 def test_unknown_routes_say_so(small_server):
