@@ -131,6 +131,8 @@ class ServerState:
     platform: Platform | None = None  # the store (files, responses, traces, batches, evals); None: off
     # Access to the platform features' routes (their ACCESS): route template -> user | user_or_admin | admin.
     route_access: dict[str, str] = field(default_factory=dict)
+    recorder: object | None = None  # ember.traces: stored chat completions (--store-traces, `store: true`)
+    mcp: object | None = None  # ember.responses.mcp.McpHub: the operator's MCP servers (--mcp)
 
     def tenant(self, key: str | None) -> str | None:
         """The owner id of a request made with `key` (as the gate accepted it): stable across restarts, so
