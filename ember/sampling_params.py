@@ -30,6 +30,9 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per token; 0: only the chosen token's logprob
     skip_special_tokens: bool = True
     structured: StructuredOutputs | None = None  # a grammar the output must follow
+    # The scheduler serves lower numbers first (vLLM's convention); equal priorities in arrival order.
+    # 0: interactive; ember's batches run at 10 (ember.server.platform.BATCH_PRIORITY).
+    priority: int = 0
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -48,6 +51,7 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
+            (self.priority >= 0, "priority", "must be >= 0"),
             (
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 "min_tokens",

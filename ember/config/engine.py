@@ -55,6 +55,13 @@ class SchedulerConfig:
         minimum=1,
         search=Range(64, 8192, log=True),
     )
+    background_token_budget: int | None = setting(
+        None,
+        help="while interactive (priority 0) requests are in the engine, the most tokens per step that "
+        "lower-priority work (batches) may take; none: whatever interactive work leaves",
+        minimum=1,
+        search=(None, 4, 16, 64),
+    )
 
     def __post_init__(self) -> None:
         check(self)

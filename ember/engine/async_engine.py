@@ -200,9 +200,13 @@ class AsyncEngine:
         cache_salt: bytes | None = None,
         max_cached_tokens: int | None = None,
         lora: str | None = None,
+        priority: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """`cache_salt`, `max_cached_tokens` and `lora` (an adapter name): as in LLMEngine.add_request."""
+        """`cache_salt`, `max_cached_tokens` and `lora` (an adapter name): as in LLMEngine.add_request.
+        `priority` (lower first) overrides params.priority."""
         params = params or SamplingParams()
+        if priority is not None and priority != params.priority:
+            params = dataclasses.replace(params, priority=priority)
         request_id = request_id or uuid.uuid4().hex
         self._check_admission(request_id, params.n)
         if lora is not None and lora not in self.adapters:

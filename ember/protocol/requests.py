@@ -105,6 +105,9 @@ class _Sampling(_Body):
     repetition_penalty: float = Field(default=1.0, gt=0, le=10)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)
+    # The engine serves lower numbers first; 0 is interactive, the most urgent a client may ask for (a
+    # client can only lower its own priority: batches run at 10).
+    priority: int = Field(default=0, ge=0, le=1_000_000)
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(default=None, min_length=1)
@@ -211,6 +214,7 @@ class _Sampling(_Body):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             structured=self.structured(),
+            priority=self.priority,
         )
 
     def _max_tokens(self) -> int | None:

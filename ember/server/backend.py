@@ -163,6 +163,8 @@ class EngineBackend:
         tool_mode: str | None = None,
     ) -> dict | Stream:
         engine = self.engine
+        if ctx.priority > params.priority:  # the route's (a batch) or the body's, whichever is lower
+            params = dataclasses.replace(params, priority=ctx.priority)
         total = len(prompts) * params.n
         limit = getattr(engine, "max_pending", None)
         if limit is not None and total > limit:

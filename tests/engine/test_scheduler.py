@@ -8,6 +8,7 @@ from ember.config import SchedulerConfig
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Status
+from ember.sampling_params import SamplingParams
 
 
 @dataclass
@@ -32,6 +33,7 @@ class FakeSeq:
     num_registered_blocks: int = 0
     lora_slot: int | None = None
     request: FakeRequest = field(default_factory=FakeRequest)
+    params: SamplingParams = field(default_factory=SamplingParams)  # its priority (0: interactive)
 
     @property
     def num_prompt_tokens(self) -> int:
