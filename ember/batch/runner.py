@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import secrets
 import time
 
@@ -24,6 +26,8 @@ from ember.store import db
 
 log = logging.getLogger(__name__)
 
+WARM_MIN_LINES = 4
+WARM_MIN_CHARS = 64  # a shared text prefix shorter than this fills no KV block worth computing first
 RETRY = (429, 503)  # the engine is full, loading or restarting: the line waits and runs again
 MAX_BACKOFF_S = 5.0
 
@@ -38,6 +42,8 @@ class BatchRunner:
         self._driving: dict[str, asyncio.Task] = {}
         self._main_task: asyncio.Task | None = None
         self._slots: asyncio.Semaphore | None = None
+        self._answers: list[tuple[tuple, asyncio.Future]] = []  # waiting for the writer's next commit
+        self._writer: asyncio.Task | None = None
 
     # -- the Service ---------------------------------------------------------------------------------
 
@@ -52,6 +58,9 @@ class BatchRunner:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._writer is not None:  # what finished is committed before the app goes
+            with contextlib.suppress(Exception):
+                await self._writer
         self._driving.clear()
 
     def wake(self) -> None:
@@ -148,6 +157,8 @@ class BatchRunner:
         todo = await asyncio.to_thread(rows.pending, self.platform.store, batch["id"])
         calls: set[asyncio.Task] = set()  # the engine calls in flight: what a halt cancels
         lines: set[asyncio.Task] = set()
+        if len(todo) >= WARM_MIN_LINES and shares_prefix(batch["endpoint"], todo[0]["body"], todo[1]["body"]):
+            await self._warm(batch, todo[0]["body"], halt)
         try:
             for line in todo:
                 if not await self._acquire(halt):
@@ -175,6 +186,19 @@ class BatchRunner:
             now = await asyncio.to_thread(rows.get, self.platform.store, batch["id"])
             if now["status"] == "in_progress":  # a cancel that came first wins: the row says cancelling
                 await asyncio.to_thread(self._finish, batch, "expired", "in_progress")
+
+    async def _warm(self, batch: dict, body: dict, halt: asyncio.Event) -> None:
+        """Prefill the first line's prompt once, alone, before the lines start together. The engine caches
+        a block once computed, so lines admitted in the same step would each compute a prefix they share
+        (a system prompt, few-shot examples); after this they find it cached. Costs one prompt's prefill;
+        not counted in the batch's usage."""
+        warm = {k: v for k, v in body.items() if k not in ("max_completion_tokens", "min_tokens", "n")}
+        warm["max_tokens"] = 1
+        call = asyncio.ensure_future(self.ctx.call(batch["endpoint"], warm, batch["tenant"], BATCH_PRIORITY))
+        halted = asyncio.ensure_future(halt.wait())
+        await asyncio.wait({call, halted}, return_when=asyncio.FIRST_COMPLETED)  # its answer: unused
+        call.cancel()
+        halted.cancel()
 
     async def _acquire(self, halt: asyncio.Event) -> bool:
         """A slot of the engine's width, or False once the batch is halted."""
@@ -215,9 +239,29 @@ class BatchRunner:
             "request_id": "req-" + secrets.token_hex(12),
             "finished_at": db.now(),
         }
-        await asyncio.to_thread(
-            rows.record, self.platform.store, batch["id"], line["custom_id"], answer, usage_of(result.body)
-        )
+        await self._record((batch["id"], line["custom_id"], answer, usage_of(result.body)))
+
+    async def _record(self, item: tuple) -> None:
+        """Commit a line's answer, together with those of every line that finished meanwhile: the lines of
+        one engine step finish at once, and one transaction (one fsync) for all of them keeps the runner
+        off the critical path."""
+        done = asyncio.get_running_loop().create_future()
+        self._answers.append((item, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write())
+        await asyncio.shield(done)  # a halt or stop never interrupts a commit
+
+    async def _write(self) -> None:
+        while self._answers:
+            taken, self._answers = self._answers, []
+            try:
+                await asyncio.to_thread(rows.record, self.platform.store, [item for item, _ in taken])
+            except Exception as exc:
+                for _, done in taken:
+                    done.set_exception(exc)
+            else:
+                for _, done in taken:
+                    done.set_result(None)
 
     def _finish(self, batch: dict, final: str, now_status: str) -> None:
         """Write the output and error files from the rows, then move the batch to `final`."""
@@ -236,6 +280,21 @@ class BatchRunner:
         errors = errors or [{"code": code, "message": message, "param": None, "line": None}]
         values = {"status": "failed", "failed_at": db.now(), "errors": errors}
         rows.set_status(self.platform.store, batch_id, values, only_if)
+
+
+def shares_prefix(endpoint: str, a: dict, b: dict) -> bool:
+    """Whether two lines' prompts begin alike (a system prompt, few-shot examples): worth a warm-up."""
+    if endpoint == "/v1/chat/completions":
+        first = [
+            m["messages"][0] if isinstance(m.get("messages"), list) and m["messages"] else None
+            for m in (a, b)
+        ]
+        return first[0] is not None and first[0] == first[1] and len(json.dumps(first[0])) >= WARM_MIN_CHARS
+    if endpoint == "/v1/completions":
+        pa, pb = a.get("prompt"), b.get("prompt")
+        if isinstance(pa, str) and isinstance(pb, str):
+            return len(os.path.commonprefix([pa, pb])) >= WARM_MIN_CHARS
+    return False
 
 
 def usage_of(body: dict) -> dict:

@@ -1,7 +1,7 @@
 """The Batch API's rows: one per batch, and one per valid input line, keyed (batch_id, custom_id).
 
 A line's row is written pending when the batch is validated and marked done, with its answer, in the same
-transaction that counts it on the batch row; so a restart (even after SIGKILL) knows exactly which lines
+transaction that counts it on the batch row (`record`); so a restart (even after SIGKILL) knows exactly which lines
 are left, and a line is counted and written to the output file once, however often it was run.
 """
 
@@ -122,30 +122,35 @@ def pending(store: db.Store, batch_id: str) -> list[dict]:
         return [dict(r._mapping) for r in conn.execute(query)]
 
 
-def record(store: db.Store, batch_id: str, custom_id: str, answer: dict, usage: dict) -> bool:
-    """A line's answer and its counts on the batch, in one transaction; False if it was recorded before."""
-    ok = answer["status_code"] == 200
+def record(store: db.Store, answers: list[tuple[str, str, dict, dict]]) -> list[bool]:
+    """Lines' answers and their counts on their batches, in one transaction (the lines that finish in one
+    engine step commit together): (batch_id, custom_id, answer, usage) each. Per line, whether it was
+    recorded now (False: it had been before)."""
+    recorded = []
+    c = batches.c
     with store.tx() as conn:
-        done = conn.execute(
-            lines.update()
-            .where(lines.c.batch_id == batch_id, lines.c.custom_id == custom_id, lines.c.done.is_(False))
-            .values(done=True, **answer)
-        ).rowcount
-        if done != 1:
-            return False
-        c = batches.c
-        conn.execute(
-            batches.update()
-            .where(c.id == batch_id)
-            .values(
-                completed=c.completed + int(ok),
-                failed=c.failed + int(not ok),
-                input_tokens=c.input_tokens + usage.get("input_tokens", 0),
-                cached_tokens=c.cached_tokens + usage.get("cached_tokens", 0),
-                output_tokens=c.output_tokens + usage.get("output_tokens", 0),
+        for batch_id, custom_id, answer, usage in answers:
+            done = conn.execute(
+                lines.update()
+                .where(lines.c.batch_id == batch_id, lines.c.custom_id == custom_id, lines.c.done.is_(False))
+                .values(done=True, **answer)
+            ).rowcount
+            recorded.append(done == 1)
+            if done != 1:
+                continue
+            ok = answer["status_code"] == 200
+            conn.execute(
+                batches.update()
+                .where(c.id == batch_id)
+                .values(
+                    completed=c.completed + int(ok),
+                    failed=c.failed + int(not ok),
+                    input_tokens=c.input_tokens + usage.get("input_tokens", 0),
+                    cached_tokens=c.cached_tokens + usage.get("cached_tokens", 0),
+                    output_tokens=c.output_tokens + usage.get("output_tokens", 0),
+                )
             )
-        )
-    return True
+    return recorded
 
 
 def results(store: db.Store, batch_id: str) -> Iterator[dict]:

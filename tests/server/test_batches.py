@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
+from ember.batch import runner
 from ember.server.app import ServerState, create_app
 from ember.server.platform import BATCH_PRIORITY, Platform
 from ember.store import batches as rows
@@ -36,7 +37,8 @@ class HoldEngine(FakeEngine):
         self.kwargs: list[dict] = []
 
     async def generate(self, prompt, params, request_id=None, **kw):
-        self.prompts.append(list(prompt))
+        if params.max_tokens != 1:  # not the runner's prefix warm-up
+            self.prompts.append(list(prompt))
         self.kwargs.append(kw)
         while prompt and prompt[0] == HELD and not self.release.is_set():
             await asyncio.sleep(0.005)
@@ -124,7 +126,8 @@ def test_a_batch_runs_every_line_once_and_reports_in_openais_shape(tmp_path):
         assert first["response"]["body"]["object"] == "text_completion"
         assert client.files.retrieve(done.output_file_id).purpose == "batch_output"
         tenant = app.state.ember.tenant("key-a")
-        assert set(calls) == {("/v1/completions", tenant, BATCH_PRIORITY)} and len(calls) == 20
+        assert set(calls) == {("/v1/completions", tenant, BATCH_PRIORITY)}
+        assert len(calls) == 20 and len(engine.prompts) == 20
 
 
 def test_bad_lines_go_to_the_error_file_and_the_rest_run(tmp_path):
@@ -283,3 +286,15 @@ def test_a_batch_past_its_window_expires_with_the_unrun_lines_in_the_error_file(
         errors = jsonl_of(client, done.error_file_id)
         assert sorted(e["custom_id"] for e in errors) == [f"held-{i}" for i in range(3)]
         assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+
+
+def test_a_cancel_while_the_shared_prefix_warms_up_stops_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "shares_prefix", lambda *_: True)
+    with batch_server(tmp_path) as (http, _, engine):
+        client = sdk(http)
+        batch = submit(client, [line(f"held-{i}", prompt=(HELD, i)) for i in range(5)])
+        wait(client, batch.id, "in_progress")
+        client.batches.cancel(batch.id)
+        done = wait(client, batch.id, "cancelled")
+        assert done.output_file_id is None and engine.prompts == []
+        assert len(jsonl_of(client, done.error_file_id)) == 5
