@@ -27,7 +27,7 @@ from ember.store import db
 log = logging.getLogger(__name__)
 
 WARM_MIN_LINES = 4
-WARM_MIN_CHARS = 64  # a shared text prefix shorter than this fills no KV block worth computing first
+WARM_MIN_CHARS = 2000  # ~500 tokens: below it one warm-up step costs about what the shared prefill saves
 RETRY = (429, 503)  # the engine is full, loading or restarting: the line waits and runs again
 MAX_BACKOFF_S = 5.0
 

@@ -6,7 +6,7 @@ import pytest
 
 from ember.batch.runner import shares_prefix, usage_of
 
-SYSTEM = {"role": "system", "content": "You label support tickets as billing, bug or other. " * 2}
+SYSTEM = {"role": "system", "content": "You label support tickets as billing, bug or other. " * 40}
 CHAT = "/v1/chat/completions"
 
 
@@ -32,7 +32,7 @@ def chat(*messages) -> dict:
         (CHAT, chat(SYSTEM), chat({**SYSTEM, "content": "other"}), False),
         (CHAT, chat(), chat(SYSTEM), False),
         (CHAT, {"model": "m", "messages": "x"}, chat(SYSTEM), False),
-        ("/v1/completions", {"prompt": "p" * 80 + "a"}, {"prompt": "p" * 80 + "b"}, True),
+        ("/v1/completions", {"prompt": "p" * 2100 + "a"}, {"prompt": "p" * 2100 + "b"}, True),
         ("/v1/completions", {"prompt": "p" * 10 + "a"}, {"prompt": "p" * 10 + "b"}, False),
         ("/v1/completions", {"prompt": [1, 2, 3]}, {"prompt": [1, 2, 3]}, False),
         ("/v1/embeddings", {"input": "x" * 100}, {"input": "x" * 100}, False),
