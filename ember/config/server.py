@@ -164,6 +164,29 @@ class ServerConfig:
         help="keep a store (a database and a file directory under --data-dir): /v1/files, stored responses "
         "and completions, batches, evals; off: those routes answer 404 not_enabled",
     )
+    # Stored chat completions (ember.traces): captured in memory, written in batches off the request path.
+    store_traces: bool = setting(
+        False,
+        help="store every chat completion as a trace (a request opts out with store: false; without this, "
+        "only requests with store: true are stored); needs --store",
+    )
+    trace_retention: str = setting(
+        "30d",
+        help="how long traces are kept: an age (30d, 12h), a row count over all keys (1000000rows), both "
+        "(30d,1000000rows) or off; the writer deletes the rest",
+    )
+    trace_redact: list[str] = setting(
+        factory=list,
+        help="a regex blanked out of traces before they are written (repeatable), next to the built-in "
+        "e-mail, phone, card-number and API-key patterns; 'off' drops the built-ins",
+        flag="--trace-redact",
+    )
+    trace_flush_ms: int = setting(
+        200, help="the longest a captured trace waits in memory before it is written", minimum=1
+    )
+    trace_queue: int = setting(
+        10000, help="traces held in memory at most; past it new ones are dropped (and counted)", minimum=1
+    )
     max_upload_bytes: int | str = setting(
         "512MiB",
         help="the largest file /v1/files accepts (streamed to disk); past it, 413",
@@ -200,6 +223,18 @@ class ServerConfig:
         check(self)
         if self.fine_tuning and not self.store:
             raise ConfigError("fine_tuning", "needs the store (--store): jobs and their files live in it")
+        if self.store_traces and not self.store:
+            raise ConfigError("store_traces", "needs the store (--store): traces are kept in its database")
+        try:
+            from ember.traces.query import Retention
+            from ember.traces.redact import Redactor
+
+            Retention.parse(self.trace_retention)
+            Redactor.from_specs(self.trace_redact)
+        except ValueError as exc:
+            raise ConfigError(
+                "trace_retention" if "retention" in str(exc) else "trace_redact", str(exc)
+            ) from None
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be 0..65535 (got {self.port})")
         if self.max_request_bytes < 1024:

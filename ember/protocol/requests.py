@@ -26,6 +26,10 @@ MAX_TOP_LOGPROBS = 20
 MAX_EMBEDDING_INPUTS = 2048
 MAX_TOOLS = 128
 MAX_TOOL_CALLS = 128
+# OpenAI's limits on `metadata` (a stored completion's tags).
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
 
 # Variables a chat template gets from ember itself; chat_template_kwargs may not replace them.
 _TEMPLATE_OWN = frozenset(
@@ -33,6 +37,24 @@ _TEMPLATE_OWN = frozenset(
 )
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    """`metadata` within OpenAI's limits: 16 pairs, keys of 64 characters, values of 512."""
+    if v is None:
+        return v
+    if len(v) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} key-value pairs are allowed (got {len(v)})")
+    for key, value in v.items():
+        if len(key) > MAX_METADATA_KEY:
+            raise ValueError(
+                f"keys must be at most {MAX_METADATA_KEY} characters (got {len(key)}: '{key[:20]}...')"
+            )
+        if len(value) > MAX_METADATA_VALUE:
+            raise ValueError(
+                f"values must be at most {MAX_METADATA_VALUE} characters (key '{key}' has {len(value)})"
+            )
+    return v
 
 
 def _ids(v: Any) -> bool:
@@ -90,10 +112,12 @@ class _Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    # Accepted and not acted on: they describe the caller or its account, not what is computed.
-    user: str | None = None
+    # store: keep this chat completion (ember.traces; the server's --store-traces sets the default) with
+    # `metadata` as its tags.
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    # Accepted and not acted on: they describe the caller or its account, not what is computed.
+    user: str | None = None
     service_tier: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None  # ember's prefix cache needs no hint
@@ -151,6 +175,11 @@ class _Sampling(_Body):
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be in [-100, 100] (got {bias})")
         return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return check_metadata(v)
 
     @model_validator(mode="after")
     def _stream_options(self):

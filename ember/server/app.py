@@ -342,7 +342,9 @@ def create_app(
     async def chat(body: ChatCompletionRequest, request: Request):
         body.check_supported(state.allow_unknown_fields)
         target = _admit(body.model, request)
-        return _reply(await backend.chat(body, target, _context(request)))
+        trace = state.recorder and await state.recorder.begin(body, request, target, _tenant(request))
+        answer = await backend.chat(body, target, _context(request))
+        return _reply(trace.finish(answer) if trace else answer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

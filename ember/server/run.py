@@ -177,6 +177,9 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         data_dir = options.store_dir()
         log.info("the store: %s (files in %s)", _shown_url(options), data_dir / "files")
         state.platform = Platform.open(data_dir, options.store_url(), options.max_upload_bytes)
+        from ember.traces import TraceRecorder, TraceSettings
+
+        state.recorder = TraceRecorder(state.platform.store, TraceSettings.from_config(options))
     if options.fine_tuning:
         from ember.server.tuning_api import Tuning
 
