@@ -144,7 +144,7 @@ def _item(item: dict, where: str) -> dict:
         out = _take(item, where, ("call_id", "name", "arguments"), ("id", "status"))
         return {"type": "function_call", **out, "status": "completed"}
     if kind == "function_call_output":
-        out = _take(item, where, ("call_id",), ("id", "status"))
+        out = _take(item, where, ("call_id",), ("id", "status"), also=("output",))
         output = item.get("output")
         if isinstance(output, list):
             output = _text_of(output, f"{where}.output")
@@ -166,7 +166,10 @@ def _item(item: dict, where: str) -> dict:
     )
 
 
-def _take(item: dict, where: str, required: tuple[str, ...], optional: tuple[str, ...]) -> dict:
+def _take(
+    item: dict, where: str, required: tuple[str, ...], optional: tuple[str, ...], also: tuple[str, ...] = ()
+) -> dict:
+    """The `required` and `optional` fields of a body part; `also`: others the caller reads itself."""
     out = {}
     for name in required:
         if not isinstance(item.get(name), str):
@@ -175,7 +178,7 @@ def _take(item: dict, where: str, required: tuple[str, ...], optional: tuple[str
     for name in optional:
         if item.get(name) is not None:
             out[name] = item[name]
-    unknown = set(item) - {"type", *required, *optional}
+    unknown = set(item) - {"type", *required, *optional, *also}
     if unknown:
         name = sorted(unknown)[0]
         raise InvalidRequest(

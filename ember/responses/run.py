@@ -38,6 +38,9 @@ class LoopLimits:
             raise ValueError("max_seconds and tool_timeout_s must be positive")
 
 
+HUB_GRACE_S = 1.0  # past an MCP call's timeout, how long the hub has to report it before the loop does
+
+
 class McpUnavailable(Exception):
     """An MCP server could not list its tools: the request cannot offer them."""
 
@@ -235,6 +238,9 @@ class ResponseRun:
 
     def _end(self, status: str, error: dict | None = None, incomplete: dict | None = None) -> None:
         self.status, self.error, self.incomplete = status, error, incomplete
+        for item in self.output:  # cut off by a limit or a failure mid-item
+            if item.get("status") == "in_progress":
+                item["status"] = "incomplete"
 
     # -- one turn ------------------------------------------------------------------------------------
 
@@ -373,9 +379,9 @@ class ResponseRun:
         if left <= 0:
             raise _OutOfTime
         timeout = min(self.limits.tool_timeout_s, left)
-        try:
+        try:  # the hub bounds the call itself; this bounds a hub that does not
             result = await asyncio.wait_for(
-                self.hub.call(label, name, arguments, timeout_s=timeout), timeout + 5
+                self.hub.call(label, name, arguments, timeout_s=timeout), timeout + HUB_GRACE_S
             )
         except TimeoutError:
             return None, f"the tool '{name}' did not answer within {timeout:.0f} s"
