@@ -197,7 +197,7 @@ class ResponseRun:
             if time.monotonic() < self.deadline:
                 raise
             self._end("incomplete", incomplete={"reason": "max_time"})
-        except (InvalidRequest, Exception) as exc:
+        except Exception as exc:  # after the stream began: the response fails, the server goes on
             if isinstance(exc, InvalidRequest):
                 code, message = "invalid_prompt", str(exc)
             else:

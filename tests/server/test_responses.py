@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import json
 import threading
+import typing
 from dataclasses import dataclass
 
 import jsonschema
 import openai
+import pydantic
 import pytest
 import uvicorn
 
@@ -37,6 +39,13 @@ ANSWER_SCHEMA = {
     "additionalProperties": False,
 }
 JSON_FORMAT = {"format": {"type": "json_schema", "name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+
+
+class Answer(pydantic.BaseModel):
+    ok: bool
+    n: typing.Literal[1, 2, 3, 4, 5]
+
+
 CALC = {"type": "mcp", "server_label": "calc", "require_approval": "never"}
 
 
@@ -248,6 +257,8 @@ def test_json_schema_output_is_always_valid(served):
         r = c.responses.create(model=MODEL, input=prompt, text=JSON_FORMAT, temperature=1.0)
         assert r.text.format.type == "json_schema" and r.text.format.name == "answer"
         jsonschema.validate(json.loads(r.output_text), ANSWER_SCHEMA)
+    parsed = c.responses.parse(model=MODEL, input="Parse me", text_format=Answer, temperature=0)
+    assert isinstance(parsed.output_parsed, Answer) and 1 <= parsed.output_parsed.n <= 5
 
 
 def test_a_stored_response_is_retrieved_listed_and_deleted(served):
