@@ -18,7 +18,8 @@ from fastapi.responses import StreamingResponse
 from ember.errors import InvalidRequest
 from ember.protocol.responses import ResponseRequest, input_items
 from ember.responses import items as it
-from ember.responses.run import LoopLimits, McpUnavailable, ResponseRun, resolve_tools
+from ember.responses.run import LoopLimits, ResponseRun
+from ember.responses.tools import McpUnavailable, resolve_tools
 from ember.server.backend import RequestContext
 from ember.server.files_api import Refusal, listing
 from ember.server.platform import PlatformContext

@@ -321,7 +321,7 @@ def test_the_server_side_loop_runs_two_mcp_calls_then_answers(served):
         tools=[CALC],
         tool_choice="required",
         max_tool_calls=2,
-        max_output_tokens=64,
+        max_output_tokens=96,
         temperature=0,
     )
     kinds = [o.type for o in r.output]
@@ -440,6 +440,8 @@ def test_a_continuation_lists_no_tools_again(served):
         ({"tools": [{**CALC, "server_url": "https://example.com/mcp"}]}, "tools[0].server_url"),
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input[0].type"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [CALC], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ],
 )
 def test_what_is_not_served_is_a_400_naming_the_field(served, extra, param):
