@@ -194,7 +194,7 @@ CASES = [
         "guided_regex",
         "guided_regex",
     ),
-    ("OpenAI route not served", "/v1/responses", {}, 404, "not implemented in ember", None),
+    ("OpenAI route not served", "/v1/assistants", {}, 404, "not implemented in ember", None),
     # Text that is not valid Unicode: a lone UTF-16 surrogate as a JSON escape.
     ("lone surrogate in chat", CHAT, _raw(GOOD, content="a\ud800"), 400, "surrogate", "messages[0].content"),
     (

@@ -194,7 +194,6 @@ def test_create_refuses_what_cannot_run(tmp_path):
             return err.value.status_code, err.value.body.get("param")
 
         assert refused(a, endpoint="/v1/moderations") == (400, "endpoint")
-        assert refused(a, endpoint="/v1/responses") == (400, "endpoint")  # not served on this server
         assert refused(a, completion_window="1h") == (400, "completion_window")
         assert refused(a, input_file_id=tuned) == (400, "input_file_id")
         assert refused(a, input_file_id="file-nope") == (404, "input_file_id")
