@@ -76,6 +76,62 @@ async def _round(url: str, model: str, store: bool, workers: int, per_worker: in
         return time.perf_counter() - start, lat, ttft
 
 
+def micro(n: int = 2000, tokens: int = 64) -> dict:
+    """CPU time per trace of the capture path, in-process (no server, no model): the request path (the
+    hook's begin and finish, the tee over `tokens` chunks) and the writer (decode, assemble, redact,
+    insert and commit in batches). A number the machine's load does not move much."""
+    from types import SimpleNamespace
+
+    from ember.protocol.requests import ChatCompletionRequest
+    from ember.server.backend import Stream
+    from ember.store.db import Store
+    from ember.traces import TraceRecorder
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a story about a dragon. " * 6}],
+            "max_tokens": tokens, "stream": True, "store": True, "metadata": {"bench": "micro"}}  # fmt: skip
+    raw = json.dumps(body).encode()
+    request = SimpleNamespace(body=lambda: asyncio.sleep(0, raw))
+    chunk = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "system_fingerprint": "ember", "choices": [{"index": 0, "delta": {"content": " word"},
+             "logprobs": None, "finish_reason": None}], "usage": None}  # fmt: skip
+
+    async def chunks(i: int):
+        for _ in range(tokens):
+            yield {**chunk, "id": f"chatcmpl-{i}"}
+        yield {**chunk, "id": f"chatcmpl-{i}", "choices": [], "usage": {"prompt_tokens": 60,
+               "completion_tokens": tokens, "total_tokens": 60 + tokens,
+               "prompt_tokens_details": {"cached_tokens": 0}}}  # fmt: skip
+
+    async def go(recorder: TraceRecorder) -> tuple[float, float]:
+        path = 0.0
+        for i in range(n):
+            req = ChatCompletionRequest.model_validate(body)
+            t = time.process_time()
+            capture = await recorder.begin(req, request, None, "key-a")
+            stream = capture.finish(Stream(chunks(i), lambda: None))
+            async for _ in stream.chunks:
+                pass
+            path += time.process_time() - t
+        t = time.process_time()
+        await recorder.flush()
+        return path, time.process_time() - t
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder = TraceRecorder(Store(f"sqlite:///{tmp}/ember.db"))
+        base = asyncio.run(_baseline(n, chunks))
+        path, writer = asyncio.run(go(recorder))
+    return {"request_path_us": (path - base) / n * 1e6, "writer_us": writer / n * 1e6, "tokens": tokens}
+
+
+async def _baseline(n: int, chunks) -> float:
+    """CPU time of iterating the chunks alone (what the route does without capture)."""
+    t = time.process_time()
+    for i in range(n):
+        async for _ in chunks(i):
+            pass
+    return time.process_time() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6, help="rounds per mode (alternating)")
@@ -84,7 +140,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--out", default=str(HERE / "benchmarks" / "results" / "trace-overhead.json"))
+    ap.add_argument("--micro", action="store_true", help="only the in-process CPU cost per trace")
     args = ap.parse_args()
+    if args.micro:
+        print(json.dumps(micro(), indent=2))
+        return
 
     data = Path(tempfile.mkdtemp(prefix="ember-trace-bench-"))
     port = _port()
