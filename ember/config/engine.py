@@ -62,6 +62,20 @@ class SchedulerConfig:
         minimum=1,
         search=(None, 4, 16, 64),
     )
+    background_slowdown: float | None = setting(
+        0.1,
+        help="while interactive (priority 0) requests are in the engine, how much longer lower-priority work "
+        "(batches) may make a step, as a fraction of the interactive work's own step time, by the engine's "
+        "running estimate of what a token costs (0.1: steps at most about a tenth slower); none: no such limit",
+        minimum=0,
+        search=(None, 0.05, 0.1, 0.25),
+    )
+    background_grace_s: float = setting(
+        1.0,
+        help="interactive work counts as in the engine until this many seconds after the last of it left (the "
+        "gap between a user's turns), so batch work does not rush into it",
+        minimum=0,
+    )
 
     def __post_init__(self) -> None:
         check(self)

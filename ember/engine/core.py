@@ -300,8 +300,11 @@ class EngineCore:
         plan = self._schedule()
         if plan is None:
             return []
+        start = time.perf_counter()
         logits = self.runner.execute(plan.work, plan.sample_rows, plan.lora_slots, plan.num_logits)
-        return self._update(plan, logits)
+        updates = self._update(plan, logits)
+        self.scheduler.observe(sum(w.num_new for w in plan.work), time.perf_counter() - start)
+        return updates
 
     def _schedule(self) -> StepPlan | None:
         if self.speculator is not None:

@@ -9,7 +9,12 @@ tokens (see kv_cache), and only what follows it draws on the budget.
 Priorities (SamplingParams.priority, lower first; 0 interactive, batches 10): the waiting queue and the
 running list are kept in (priority, arrival) order, so urgent work takes the budget first and batch work
 fills what it leaves; with one priority this is first come, first served. While priority-0 work is in
-the engine, lower-priority work takes at most `background_token_budget` tokens a step (when set). When
+the engine, lower-priority work's share of a step is bounded (`_background_budget`): by
+`background_slowdown`, the fraction of the interactive work's own step time it may add, by the running
+estimate of what a token costs (StepCost, fed by the core with every step's time); and by
+`background_token_budget` tokens, when set. Interactive work counts as in the engine for
+`background_grace_s` after the last of it left, so a batch does not fill the gap between a user's turns
+with a long step the next turn then waits behind. When
 the KV pool cannot hold a running sequence's next tokens, the last running sequence (the least urgent,
 newest) is preempted; when a waiting sequence cannot be admitted for want of blocks or sequence slots,
 running sequences strictly less urgent than it are preempted, least urgent first. A preempted sequence's
@@ -22,7 +27,10 @@ room again.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ember.config import SchedulerConfig
@@ -43,14 +51,67 @@ class SchedulerOutput:
         return not self.num_scheduled
 
 
+class StepCost:
+    """What a step costs, as `fixed + per_token * tokens` seconds: a least-squares line through recent steps
+    (exponentially weighted, so it follows the machine's load). Until steps of different sizes have been
+    seen, a token is charged the whole average step time per token, which over-charges: background work
+    then gets less, never more."""
+
+    def __init__(self, decay: float = 0.98):
+        self.decay = decay
+        self.n = self.x = self.y = self.xx = self.xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self.n = self.n * d + 1.0
+        self.x = self.x * d + tokens
+        self.y = self.y * d + seconds
+        self.xx = self.xx * d + tokens * tokens
+        self.xy = self.xy * d + tokens * seconds
+
+    @property
+    def known(self) -> bool:
+        return self.x > 0
+
+    def _line(self) -> tuple[float, float]:
+        ceiling = self.y / self.x  # seconds per token with the fixed cost folded in: an upper bound
+        var = self.n * self.xx - self.x * self.x
+        if var <= 1e-9 * self.n * self.xx:
+            return 0.0, ceiling
+        slope = min(max((self.n * self.xy - self.x * self.y) / var, ceiling * 1e-3), ceiling)
+        return max((self.y - slope * self.x) / self.n, 0.0), slope
+
+    @property
+    def per_token(self) -> float:
+        return self._line()[1]
+
+    def seconds(self, tokens: int) -> float:
+        fixed, slope = self._line()
+        return fixed + slope * tokens
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, lora: LoRAManager | None = None):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        lora: LoRAManager | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.config = config
         self.kv = kv
         self.lora = lora  # None: the engine serves no adapters
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.cost = StepCost()  # fed by the core (`observe`)
+        self.clock = clock
+        self._urgent_at = -math.inf  # when interactive work was last in the engine
+        self._credit = 0.0  # seconds of step time background work has earned and not spent
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """One executed step: its scheduled tokens and how long it took (for the background share)."""
+        self.cost.observe(tokens, seconds)
 
     def add(self, seq: Sequence) -> None:
         self._enqueue(seq, front=False)
@@ -90,7 +151,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         # Lower-priority work's share while interactive work is in the engine (None: no cap).
-        background = self._background_budget()
+        background = granted = self._background_budget()
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -144,11 +205,16 @@ class Scheduler:
             if not urgent and background is not None:
                 background -= n
         self.waiting.extendleft(reversed(blocked))
+        if background is not None and self.config.background_slowdown is not None and self.cost.known:
+            self._credit = max(self._credit - (granted - background) * self.cost.per_token, 0.0)
         # Speculative slots last, from what the budget and the pool have left once every running
-        # sequence and every admission has its tokens: nobody waits or is preempted for a guess.
+        # sequence and every admission has its tokens: nobody waits or is preempted for a guess (nor, while
+        # it is capped, for batch work).
         for seq in self.running:
             n = out.num_scheduled.get(seq)
             if not seq.num_lookahead or n is None or budget <= 0:
+                continue
+            if background is not None and seq.params.priority > 0:
                 continue
             extra = min(seq.num_lookahead, budget)
             if n == 1 == seq.num_tokens - seq.num_computed_tokens and self.kv.allocate_slots(seq, 1 + extra):
@@ -157,13 +223,34 @@ class Scheduler:
         return out
 
     def _background_budget(self) -> int | None:
-        cap = self.config.background_token_budget
-        if cap is None:
+        """The most tokens lower-priority work may take this step; None: no limit (no interactive work in
+        the engine, nor in the last background_grace_s)."""
+        cfg = self.config
+        if cfg.background_token_budget is None and cfg.background_slowdown is None:
             return None
-        urgent = any(s.params.priority == 0 for s in self.running) or any(
-            s.params.priority == 0 for s in self.waiting
-        )
-        return cap if urgent else None
+        now = self.clock()
+        urgent = [s for s in self.running if s.params.priority == 0]
+        if urgent or any(s.params.priority == 0 for s in self.waiting):
+            self._urgent_at = now
+        elif now - self._urgent_at >= cfg.background_grace_s:
+            self._credit = 0.0
+            return None
+        caps = [] if cfg.background_token_budget is None else [cfg.background_token_budget]
+        if cfg.background_slowdown is not None:
+            if not self.cost.known:
+                caps.append(1)  # no step timed yet: a token a step until there is a measure
+            else:
+                # The interactive work's own step: the tokens its running and waiting sequences would take.
+                waiting = (s for s in self.waiting if s.params.priority == 0)
+                pending = sum(s.num_tokens - s.num_computed_tokens for s in (*urgent, *waiting))
+                mine = min(pending, cfg.max_num_batched_tokens)
+                allowance = cfg.background_slowdown * self.cost.seconds(mine)
+                per_token = self.cost.per_token
+                # What is not spent carries over (a token every few steps where one costs more than a step's
+                # allowance), but never more than a step's worth and one token: no bursts after a pause.
+                self._credit = min(self._credit + allowance, allowance + per_token)
+                caps.append(int(self._credit / per_token + 1e-9))
+        return min(caps)
 
     def _yield_to(self, seq: Sequence, out: SchedulerOutput) -> bool:
         """Preempt the least urgent running sequence if it is less urgent than `seq` (which has no room);

@@ -11,7 +11,7 @@ from ember.config import CacheConfig, EngineConfig, SchedulerConfig
 from ember.engine.async_engine import AsyncEngine
 from ember.engine.kv_cache import KVCacheManager
 from ember.engine.llm_engine import LLMEngine
-from ember.engine.scheduler import Scheduler
+from ember.engine.scheduler import Scheduler, StepCost
 from ember.engine.sequence import Status
 from ember.sampling_params import SamplingParams
 from tests.engine.test_scheduler import FakeSeq, _advance
@@ -23,12 +23,16 @@ def _seq(num_tokens: int, priority: int = 0) -> FakeSeq:
     return FakeSeq(num_tokens, params=SamplingParams(priority=priority))
 
 
-def _scheduler(budget=16, max_seqs=8, blocks=64, block_size=4, background=None):
+def _scheduler(budget=16, max_seqs=8, blocks=64, block_size=4, background=None, slowdown=None, clock=None):
+    """A scheduler without the background share unless asked (`slowdown`), so the order is plain."""
     kv = KVCacheManager(blocks, block_size)
     config = SchedulerConfig(
-        max_num_seqs=max_seqs, max_num_batched_tokens=budget, background_token_budget=background
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        background_token_budget=background,
+        background_slowdown=slowdown,
     )
-    return Scheduler(config, kv), kv
+    return Scheduler(config, kv, clock=clock or (lambda: 0.0)), kv
 
 
 def test_the_queue_orders_by_priority_then_arrival():
@@ -122,6 +126,83 @@ def test_the_background_budget_caps_batch_work_only_while_interactive_work_is_in
     sched.add(more)
     out = sched.schedule()
     assert out.num_scheduled == {urgent: 20, batch: 1, more: 3}
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_step_cost_fits_the_fixed_cost_and_the_cost_of_a_token():
+    cost = StepCost()
+    for tokens in (1, 5, 2, 9, 4, 1, 7) * 5:
+        cost.observe(tokens, 0.020 + 0.003 * tokens)
+    assert cost.per_token == pytest.approx(0.003, rel=1e-6)
+    assert cost.seconds(4) == pytest.approx(0.032, rel=1e-6)
+
+
+def test_step_cost_overcharges_a_token_until_it_has_seen_steps_of_other_sizes():
+    cost = StepCost()
+    for _ in range(10):
+        cost.observe(4, 0.032)  # every step the same size: the fixed cost cannot be told apart
+    assert cost.per_token == pytest.approx(0.008)  # the whole step per token: an upper bound
+    assert cost.seconds(4) == pytest.approx(0.032)
+
+
+def _timed(sched: Scheduler, fixed: float, per_token: float) -> None:
+    for tokens in (1, 3, 8, 2, 6):
+        sched.observe(tokens, fixed + per_token * tokens)
+
+
+def test_the_slowdown_gives_batch_work_the_tokens_a_tenth_of_the_interactive_step_buys():
+    sched, _ = _scheduler(budget=512, slowdown=0.1)
+    _timed(sched, fixed=0.020, per_token=0.0001)  # a fast token (a GPU): 0.1 * 20.4 ms buys 20 of them
+    users = [_seq(1) for _ in range(4)]
+    batch = [_seq(100, BATCH) for _ in range(3)]
+    for s in users + batch:
+        sched.add(s)
+    out = sched.schedule()
+    assert sum(out.num_scheduled[s] for s in users) == 4
+    assert sum(out.num_scheduled.get(s, 0) for s in batch) == 20
+
+
+def test_a_costly_token_is_earned_over_several_steps():
+    sched, _ = _scheduler(budget=64, slowdown=0.1)
+    _timed(sched, fixed=0.020, per_token=0.004)  # CPU-like: a token costs 4 ms, 10% of a 24 ms step ~2.4 ms
+    user = _seq(40)
+    sched.add(user)
+    out = sched.schedule()  # prefill the user's prompt, then it decodes
+    _advance(out)
+    batch = _seq(8, BATCH)
+    sched.add(batch)
+    granted = []
+    for _ in range(10):
+        out = sched.schedule()
+        granted.append(out.num_scheduled.get(batch, 0))
+        _advance(out)
+    # 2.4 ms earned a step, 4 ms a token: 6 tokens in 10 steps (7 with what the prefill step left over,
+    # which carries at most one token's worth), never two in one step
+    assert sum(granted) in (6, 7) and max(granted) == 1
+
+
+def test_batch_work_waits_out_the_grace_after_interactive_work_then_runs_freely():
+    clock = _Clock()
+    sched, _ = _scheduler(budget=64, slowdown=0.0, clock=clock)
+    _timed(sched, fixed=0.020, per_token=0.004)
+    user = _seq(4)
+    sched.add(user)
+    batch = _seq(40, BATCH)
+    sched.add(batch)
+    out = sched.schedule()
+    assert out.num_scheduled == {user: 4}  # slowdown 0: nothing beside interactive work
+    sched.running.remove(user)  # the user's request ends
+    clock.now = 0.5
+    assert sched.schedule().empty  # within the grace (1 s): the next turn may come
+    clock.now = 1.0
+    assert sched.schedule().num_scheduled == {batch: 40}
 
 
 def _engine(model_dir, num_blocks=None, **sched) -> LLMEngine:
