@@ -15,13 +15,11 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from ember.evals.evaluate import CONCURRENCY, DEFAULT_SAMPLING
 from ember.evals.graders import Grade, Judge, check_criteria, grade, pairwise
 from ember.evals.sampling import check_input_messages, check_sampling_params, sample
 from ember.evals.stats import CONFIDENCE, N_BOOT, bootstrap_mean, bootstrap_paired_diff
 from ember.server.platform import BATCH_PRIORITY, Caller, CallResult
-
-DEFAULT_SAMPLING = {"temperature": 0.0}  # greedy: a difference between models is not sampling noise
-CONCURRENCY = 16
 
 
 @dataclass

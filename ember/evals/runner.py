@@ -13,9 +13,9 @@ import asyncio
 import contextlib
 import logging
 
-from ember.evals.graders import Grade, Judge, grade
+from ember.evals.evaluate import grade_all, item_status, summarize
+from ember.evals.graders import Judge
 from ember.evals.sampling import sample
-from ember.evals.stats import CONFIDENCE, N_BOOT, bootstrap_mean
 from ember.server.platform import BATCH_PRIORITY, CallResult, PlatformContext
 from ember.store import db
 from ember.store import evals as rows
@@ -134,16 +134,10 @@ class EvalRunner:
             usage = {**got["usage"], "invocations": 1}
         else:
             got = {"output_text": "", **(row.get("sample") or {}), "error": None}
-        judge = Judge(self.call, run["tenant"], BATCH_PRIORITY)
-        if got["error"] is not None:
-            why = "the model gave no answer: " + got["error"]["message"]
-            grades = [Grade(c["name"], c["type"], None, False, error=why) for c in run["testing_criteria"]]
-        else:
-            grades = await asyncio.gather(*(grade(c, item, got, judge) for c in run["testing_criteria"]))
-        if got["error"] is not None or any(g.error is not None for g in grades):
-            status = "error"
-        else:
-            status = "pass" if all(g.passed for g in grades) else "fail"
+        grades = await grade_all(
+            run["testing_criteria"], item, got, Judge(self.call, run["tenant"], BATCH_PRIORITY)
+        )
+        status = item_status(got, grades)
         answer = {"status": status, "results": [g.result() for g in grades], "sample": got}
         await asyncio.shield(
             asyncio.to_thread(rows.record, self.store, run["id"], pending["idx"], answer, usage)
@@ -158,27 +152,3 @@ class EvalRunner:
             message = f"every item errored; the first: {first.get('error', 'unknown')}"
             values.update(status="failed", failure={"code": "all_items_errored", "message": message})
         rows.set_status(self.store, run_id, values, ("in_progress",))
-
-
-def summarize(criteria: list[dict], graded: list[dict], seed: int = 0, n_boot: int = N_BOOT) -> list[dict]:
-    """OpenAI's per_testing_criteria_results, each with ember's `ember` field: the mean score over the
-    items it graded and its bootstrap interval."""
-    out = []
-    for k, criterion in enumerate(criteria):
-        results = [g["results"][k] for g in graded]
-        scores = [r["score"] for r in results if r.get("score") is not None]
-        stats = {"n": len(scores), "errored": len(results) - len(scores), "confidence": CONFIDENCE}
-        if scores:
-            ci = bootstrap_mean(scores, seed=seed, n_boot=n_boot)
-            stats.update(mean=ci.estimate, ci_low=ci.low, ci_high=ci.high, seed=seed, n_boot=n_boot)
-        else:
-            stats.update(mean=None, ci_low=None, ci_high=None)
-        out.append(
-            {
-                "testing_criteria": criterion["name"],
-                "passed": sum(1 for r in results if r.get("passed")),
-                "failed": sum(1 for r in results if not r.get("passed") and r.get("score") is not None),
-                "ember": stats,
-            }
-        )
-    return out

@@ -22,8 +22,9 @@ from fastapi import Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ember.errors import InvalidRequest
+from ember.evals.evaluate import summarize
 from ember.evals.graders import check_criteria
-from ember.evals.runner import EvalRunner, summarize
+from ember.evals.runner import EvalRunner
 from ember.evals.sampling import check_input_messages, check_sampling_params
 from ember.protocol.requests import check_metadata
 from ember.server.files_api import Refusal, listing, owned_file

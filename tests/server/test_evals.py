@@ -5,23 +5,19 @@ run that survives its server stopping mid-run (a new app on the same store finis
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
-import threading
 import time
-from types import SimpleNamespace
 
 import openai
 import pytest
 from starlette.testclient import TestClient
 
-from ember.outputs import CompletionOutput, RequestOutput
 from ember.server.app import ServerState, create_app
 from ember.server.platform import BATCH_PRIORITY, Platform
 from tests.evals.fake_caller import FakeCaller, fair_judge
-from tests.server.fake_engine import FakeEngine
+from tests.evals.math_engine import MathEngine
 
 MODEL = "fake-model"
 KEYS = ["key-a", "key-b"]
@@ -39,35 +35,6 @@ EXACT = {
     "reference": "{{item.a}}",
 }
 TEMPLATE = {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]}
-
-
-class _Tokenizer:
-    """Encodes the last message's text as its bytes, so the engine can read the question back."""
-
-    hf = SimpleNamespace(chat_template="{{ messages }}")
-
-    def apply_chat_template(self, messages, *_, **__) -> list[int]:
-        return list(messages[-1]["content"].encode())
-
-
-class MathEngine(FakeEngine):
-    """Answers 'what is N + 1?' right when N is even and '?' otherwise; holds questions about N >= `hold`
-    while `held` is set (for a restart mid-run), and records the priorities it ran at."""
-
-    def __init__(self, hold: int | None = None):
-        super().__init__()
-        self.tokenizer = _Tokenizer()
-        self.hold, self.held = hold, threading.Event()
-        self.priorities: list[int] = []
-
-    async def generate(self, prompt, params, request_id=None, *, lora=None, **_):
-        self.priorities.append(params.priority)
-        n = int(bytes(prompt).decode().split()[2])
-        while self.hold is not None and n >= self.hold and not self.held.is_set():
-            await asyncio.sleep(0.01)
-        text = str(n + 1) if n % 2 == 0 else "?"
-        out = CompletionOutput(0, text, [1], "stop", delta_text=text, delta_token_ids=[1])
-        yield RequestOutput(request_id, None, list(prompt), [out], finished=True)
 
 
 @contextlib.contextmanager
