@@ -334,7 +334,7 @@ def install(app, ctx: PlatformContext) -> None:
         if "metadata" in given:
             values["tags"] = body.metadata
         if not values:
-            return eval_object(rows.get(store, rows.evals, eval_id))
+            return eval_object(await asyncio.to_thread(rows.get, store, rows.evals, eval_id))
         return eval_object(await asyncio.to_thread(rows.update_eval, store, eval_id, values))
 
     @app.delete(EVAL)
