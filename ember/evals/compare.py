@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from ember.errors import InvalidRequest
+from ember.evals.criteria import check_criteria
 from ember.evals.evaluate import CONCURRENCY, DEFAULT_SAMPLING, grade_all
-from ember.evals.graders import Grade, GradeError, Judge, check_criteria, pairwise
+from ember.evals.graders import Grade, GradeError, Judge, pairwise
 from ember.evals.sampling import check_input_messages, check_sampling_params, sample
 from ember.evals.stats import CONFIDENCE, N_BOOT, bootstrap_mean, bootstrap_paired_diff
 from ember.server.platform import BATCH_PRIORITY, Caller, CallResult

@@ -8,7 +8,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ember.evals.graders import Grade, Judge, check_criteria, grade
+from ember.evals.criteria import check_criteria
+from ember.evals.graders import Grade, Judge, grade
 from ember.evals.sampling import check_input_messages, check_sampling_params, sample
 from ember.evals.stats import CONFIDENCE, N_BOOT, bootstrap_mean
 from ember.server.platform import BATCH_PRIORITY, Caller

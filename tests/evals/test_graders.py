@@ -10,7 +10,8 @@ import json
 import pytest
 
 from ember.errors import InvalidRequest
-from ember.evals.graders import Judge, check_criteria, grade
+from ember.evals.criteria import check_criteria
+from ember.evals.graders import Judge, grade
 from ember.evals.template import render
 from tests.evals.fake_caller import FakeCaller, fair_judge, first_judge
 
