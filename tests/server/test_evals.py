@@ -6,6 +6,7 @@ run that survives its server stopping mid-run (a new app on the same store finis
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import time
@@ -14,6 +15,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
+from ember.evals.compare import compare
 from ember.server.app import ServerState, create_app
 from ember.server.platform import BATCH_PRIORITY, Platform
 from tests.evals.fake_caller import FakeCaller, fair_judge
@@ -376,3 +378,16 @@ def test_an_acknowledged_run_survives_a_restart_and_completes_after_it(tmp_path)
 def graded(client, eval_id, run_id) -> int:
     counts = client.evals.runs.retrieve(run_id, eval_id=eval_id).result_counts
     return counts.passed + counts.failed + counts.errored
+
+
+def test_compare_runs_through_the_servers_own_call(server):
+    """The flywheel's path: compare() with PlatformContext.call, on the app's event loop."""
+    http, app, engine = server
+    ctx = app.state.platform
+    tenant = ctx.state.tenant("key-a")
+    engine.priorities.clear()
+    run = functools.partial(compare, ctx.call, ITEMS, [EXACT], TEMPLATE, MODEL, "tuned", tenant=tenant)
+    got = http.portal.call(run)
+    exact = got.criterion("exact")
+    assert (exact.mean_a, exact.mean_b, exact.diff, exact.n) == (0.5, 1.0, 0.5, 12) and exact.improved
+    assert set(engine.priorities) == {BATCH_PRIORITY} and len(engine.priorities) == 24
