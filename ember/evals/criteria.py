@@ -9,8 +9,11 @@ from ember.errors import InvalidRequest
 from ember.evals.template import content_text
 
 STRING_OPS = ("eq", "ne", "like", "ilike")
-SIMILARITY = ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
-UNAVAILABLE = {"cosine": "an embeddings model call", "meteor": "NLTK's WordNet data, which is not installed"}
+SIMILARITY = (
+    "fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l", "cosine"
+)  # fmt: skip
+UNAVAILABLE = {"meteor": "NLTK's WordNet data, which is not installed"}
+EMBEDDING_MODEL = "all-minilm-l6-v2"  # cosine's default: what `ember serve` serves at /v1/embeddings
 TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "pairwise_model")
 MAX_SANDBOX_S = 60.0
 MAX_SANDBOX_MB = 4096
@@ -79,6 +82,7 @@ def _check_similarity(g: dict, at: str) -> None:
             param=at + ".evaluation_metric",
         )
     _number(g, "pass_threshold", at, required=True)
+    _text(g, "model", at, required=False)  # ember's: the embeddings model of `cosine`
 
 
 def _check_python(g: dict, at: str) -> None:

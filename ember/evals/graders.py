@@ -5,8 +5,8 @@ passed, and for a judge the judge's own sample):
 - `string_check`: eq, ne, like (the reference is a substring of the input), ilike (the same, ignoring
   case); score 1 or 0.
 - `text_similarity`: fuzzy_match (rapidfuzz's ratio), bleu (sacrebleu's sentence BLEU), gleu (NLTK's
-  sentence GLEU), rouge_1..rouge_5 and rouge_l (rouge-score's F-measure); a score in [0, 1], passed at
-  `pass_threshold`.
+  sentence GLEU), rouge_1..rouge_5 and rouge_l (rouge-score's F-measure), a score in [0, 1]; cosine
+  (of the two texts' embeddings from the server's /v1/embeddings); passed at `pass_threshold`.
 - `python`: the user's `grade(sample, item) -> float`, run in the sandbox of ember.evals.sandbox.
 - `score_model` / `label_model`: an LLM judge asked through `call("/v1/chat/completions", ...)` with a
   json_schema response_format, so its answer always parses: {"score": number} clamped to `range`, or
@@ -25,8 +25,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ember.errors import InvalidRequest
 from ember.evals import sandbox
+from ember.evals.criteria import EMBEDDING_MODEL
 from ember.evals.template import render, render_messages
 from ember.server.platform import BATCH_PRIORITY, Caller
 
@@ -133,7 +136,11 @@ async def grade(grader: dict, item: dict, sample: dict, judge: Judge | None) -> 
             return await (_score_model if kind == "score_model" else _label_model)(grader, spaces, judge)
         if kind == "python":
             return await _python(grader, item, sample)
-        score = _STATIC[kind](grader, render(grader["input"], spaces), render(grader["reference"], spaces))
+        text, reference = render(grader["input"], spaces), render(grader["reference"], spaces)
+        if grader.get("evaluation_metric") == "cosine":
+            score = await _cosine(grader, text, reference, judge)
+        else:
+            score = _STATIC[kind](grader, text, reference)
     except (GradeError, InvalidRequest) as exc:
         return Grade(name, kind, None, False, error=str(exc))
     threshold = grader.get("pass_threshold", 1.0)
@@ -172,6 +179,25 @@ def text_similarity(grader: dict, text: str, reference: str) -> float:
 
 
 _STATIC = {"string_check": string_check, "text_similarity": text_similarity}
+
+
+async def _cosine(grader: dict, text: str, reference: str, judge: Judge | None) -> float:
+    """The cosine similarity of the two texts' embeddings, from the server's /v1/embeddings (`model`:
+    the embeddings model, by default the one `ember serve` serves)."""
+    if judge is None:
+        raise GradeError("the cosine metric needs an embeddings model to call")
+    model = grader.get("model", EMBEDDING_MODEL)
+    body = {"model": model, "input": [text, reference], "encoding_format": "float"}
+    result = await judge.call("/v1/embeddings", body, judge.tenant, judge.priority)
+    if not result.ok:
+        message = (result.body.get("error") or {}).get("message", result.body)
+        raise GradeError(f"the embeddings model '{model}' answered {result.status}: {message}")
+    a, b = (
+        np.asarray(d["embedding"], dtype=np.float64)
+        for d in sorted(result.body["data"], key=lambda d: d["index"])
+    )
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / norm) if norm > 0 else 0.0
 
 
 async def _python(grader: dict, item: dict, sample: dict) -> Grade:

@@ -40,10 +40,11 @@ TEMPLATE = {"type": "template", "template": [{"role": "user", "content": "{{item
 
 
 @contextlib.contextmanager
-def eval_server(root, engine=None):
+def eval_server(root, engine=None, embedder=None):
     platform = Platform.open(root, f"sqlite:///{root}/ember.db", 1 << 20)
     engine = engine or MathEngine()
-    app = create_app(engine, MODEL, ServerState(api_keys=list(KEYS), platform=platform))
+    state = ServerState(api_keys=list(KEYS), platform=platform, embedder=embedder)
+    app = create_app(engine, MODEL, state)
     with TestClient(app) as http:
         yield http, app, engine
 
@@ -391,3 +392,37 @@ def test_compare_runs_through_the_servers_own_call(server):
     exact = got.criterion("exact")
     assert (exact.mean_a, exact.mean_b, exact.diff, exact.n) == (0.5, 1.0, 0.5, 12) and exact.improved
     assert set(engine.priorities) == {BATCH_PRIORITY} and len(engine.priorities) == 24
+
+
+def test_cosine_similarity_embeds_through_the_servers_embeddings(tmp_path, small_state):
+    with eval_server(tmp_path, embedder=small_state.embedder) as (http, _, _):
+        client = sdk(http)
+        cosine = {
+            "type": "text_similarity",
+            "name": "cos",
+            "evaluation_metric": "cosine",
+            "input": "{{sample.output_text}}",
+            "reference": "{{item.a}}",
+            "pass_threshold": 0.8,
+        }
+        ev = client.evals.create(
+            name="cos",
+            data_source_config={"type": "custom", "item_schema": {"type": "object"}},
+            testing_criteria=[cosine],
+        )
+        lines = [
+            {
+                "item": {"a": "The capital of France is Paris."},
+                "sample": {"output_text": "Paris is the capital of France."},
+            },
+            {
+                "item": {"a": "The capital of France is Paris."},
+                "sample": {"output_text": "Bananas are rich in potassium."},
+            },
+        ]
+        run = client.evals.runs.create(
+            ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": lines}}
+        )
+        wait(client, ev.id, run.id, "completed")
+        near, far = (i.results[0] for i in client.evals.runs.output_items.list(run.id, eval_id=ev.id).data)
+    assert near.passed and near.score > 0.9 and not far.passed and far.score < 0.3
