@@ -62,11 +62,13 @@ class Judge:
 
     async def ask(self, grader: dict, messages: list[dict], name: str, schema: dict) -> tuple[Any, dict]:
         """The judge's parsed JSON answer and its sample (OpenAI's result.sample: input, output, usage)."""
-        params = grader.get("sampling_params") or {}
+        params = grader.get("sampling_params") or {}  # OpenAI's graders spell it max_completions_tokens
         body = {
             "model": grader["model"],
             "messages": messages,
-            "max_tokens": params.get("max_completions_tokens") or JUDGE_MAX_TOKENS,
+            "max_tokens": params.get("max_completions_tokens")
+            or params.get("max_completion_tokens")
+            or JUDGE_MAX_TOKENS,
             "temperature": params.get("temperature", 0.0),
             "response_format": {
                 "type": "json_schema",

@@ -52,11 +52,6 @@ class EvalRunner:
         """The run is canceled (or deleted): stop grading its items."""
         self._halt.setdefault(run_id, asyncio.Event()).set()
 
-    async def idle(self) -> None:
-        """Until no run is being driven (tests)."""
-        while self._driving or rows.active(self.store):
-            await asyncio.sleep(0.01)
-
     async def call(self, path: str, body: dict, tenant: str | None, priority: int) -> CallResult:
         return await self.ctx.call(path, body, tenant, priority)  # looked up each time: tests wrap it
 

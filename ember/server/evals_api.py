@@ -137,7 +137,6 @@ def install(app, ctx: PlatformContext) -> None:
     store, blobs = ctx.platform.store, ctx.platform.blobs
     runner = EvalRunner(ctx)
     ctx.services.append(runner)
-    app.state.eval_runner = runner  # tests wait on it
 
     def owned_eval(eval_id: str, request: Request) -> dict:
         row = rows.get(store, rows.evals, eval_id)
