@@ -246,7 +246,7 @@ class Aliases:
             version = 1 if create else current.version + 1
             served = None
             if target["path"] is not None:
-                served = f"{name}@v{version}-{secrets.token_hex(3)}"
+                served = f"{name}.v{version}.{secrets.token_hex(3)}"  # adapter names: [A-Za-z0-9._-]
                 if target["source"] == "adapter_path":  # untrusted files: checked off the step loop first
                     try:
                         await asyncio.to_thread(precheck, served, target["path"])

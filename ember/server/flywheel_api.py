@@ -84,6 +84,9 @@ async def create_dataset(ctx: PlatformContext, tenant: str | None, body: Dataset
             relabel, close = endpoint_relabeller(
                 body.relabel.base_url, body.relabel.model, body.relabel.api_key, gen
             )
+    recorder = ctx.state.recorder
+    if recorder is not None:  # what was captured a moment ago is part of the traffic too
+        await recorder.flush()
     try:
         selection = Selection(
             metadata=body.metadata,
