@@ -262,7 +262,6 @@ def test_aliases_survive_a_restart(root, server):
     engine = AliasEngine()  # a fresh process: nothing loaded
     with _server(root, engine) as (url, _):
         restarted = (url, engine)
-        _eventually(lambda: call(restarted, "GET", "/v1/aliases/durable").json()["status"] == "serving")
         seen = call(restarted, "GET", "/v1/aliases/durable").json()
         assert [v["version"] for v in seen["history"]] == [2, 1]
         assert seen["created_at"] == made["created_at"] and seen["current"]["adapter"] == FT
@@ -291,6 +290,36 @@ def test_an_alias_whose_adapter_is_gone_after_a_restart_says_so(root, server, tm
         assert err.value.status_code == 503 and "failed to load" in err.value.message
         fixed = call(restarted, "PUT", "/v1/aliases/fragile", json={"model": MODEL})
         assert fixed.json()["status"] == "serving" and answer(restarted, "fragile") == "lora=None done"
+
+
+def test_a_repoint_while_the_restart_loads_the_alias_is_not_undone(root, server):
+    assert call(server, "POST", "/v1/aliases", json={"name": "racy", "adapter": "tuned"}).status_code == 200
+
+    class Slow(AliasEngine):
+        gate = threading.Event()
+
+        async def add_lora(self, name: str, path: str) -> None:
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+            await super().add_lora(name, path)
+
+    engine = Slow()
+    with _server(root, engine) as (url, _):
+        restarted = (url, engine)
+        loading = call(restarted, "GET", "/v1/aliases/racy").json()
+        assert loading["status"] == "unavailable" and "loading" in loading["status_details"]
+        with pytest.raises(openai.InternalServerError):
+            answer(restarted, "racy")  # 503 until loaded
+        answers: list = []
+        repoint = threading.Thread(
+            target=lambda: answers.append(call(restarted, "PUT", "/v1/aliases/racy", json={"model": MODEL}))
+        )
+        repoint.start()
+        time.sleep(0.2)
+        engine.gate.set()  # the restore finishes, then the repoint that waited for it
+        repoint.join(timeout=30)
+        assert answers[0].json()["version"] == 2
+        assert answer(restarted, "racy") == "lora=None done"
 
 
 def test_adapters_routes_keep_out_of_aliases_way(server):
