@@ -40,6 +40,8 @@ from ember.engine.async_engine import (
 from ember.engine.client import EngineState
 from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
+from ember.gateway.guard import RESPONSE_HEADERS, Gateway
+from ember.gateway.limits import Limited
 from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server import middleware
@@ -133,6 +135,13 @@ class ServerState:
     route_access: dict[str, str] = field(default_factory=dict)
     recorder: object | None = None  # ember.traces: stored chat completions (--store-traces, `store: true`)
     mcp: object | None = None  # ember.responses.mcp.McpHub: the operator's MCP servers (--mcp)
+    prices: object | None = None  # ember.gateway.usage.PriceTable (--prices); None: every token is free
+    # ember.gateway.guard.Gateway: virtual keys, limits, usage; made by create_app when there is a store.
+    gateway: object | None = None
+
+    def closed(self) -> bool:
+        """Whether requests need a key: an --api-key was given, or a virtual key was ever made."""
+        return bool(self.api_keys) or (self.gateway is not None and self.gateway.keys.any())
 
     def tenant(self, key: str | None) -> str | None:
         """The owner id of a request made with `key` (as the gate accepted it): stable across restarts, so
@@ -144,23 +153,30 @@ class ServerState:
     def cache_salt(self, key: str | None) -> bytes | None:
         """The prefix-cache namespace of a request made with `key` (as the gate accepted it); None (one
         shared namespace) when the server has no API keys."""
-        if not self.api_keys:
+        if not self.closed():
             return None
-        if key not in self.api_keys:  # cannot happen past the gate; if it ever did, share nothing
-            return os.urandom(32)
+        if key not in self.api_keys:
+            virtual = self.gateway.keys.cached(key) if self.gateway is not None and key is not None else None
+            if virtual is None:  # cannot happen past the gate; if it ever did, share nothing
+                return os.urandom(32)
+            return self._salt(f"tenant:{virtual.tenant}")
         shared = self.cache_namespaces.get(key)
-        ident = f"namespace:{shared}" if shared is not None else f"key:{key}"
+        return self._salt(f"namespace:{shared}" if shared is not None else f"key:{key}")
+
+    def _salt(self, ident: str) -> bytes:
         return hmac.new(self.cache_secret, ident.encode(), hashlib.sha256).digest()
 
     def cache_salt_of(self, tenant: str | None) -> bytes | None:
         """The prefix-cache namespace of the key whose owner id is `tenant` (work the server runs for a
-        key it no longer has in hand: a batch after a restart); nothing shared if no key has it."""
-        if not self.api_keys:
+        key it no longer has in hand: a batch after a restart); nothing shared if no key has it. A
+        virtual key's namespace is named by its owner id, so it is the same with the key in hand or not."""
+        if not self.closed():
             return None
         for key in self.api_keys:
             if self.tenant(key) == tenant:
                 return self.cache_salt(key)
-        return os.urandom(32)
+        virtual = self.gateway.keys.by_tenant(tenant) if self.gateway is not None else None
+        return self._salt(f"tenant:{tenant}") if virtual is not None else os.urandom(32)
 
 
 def confined(path: str, roots: list[str]) -> str | None:
@@ -209,7 +225,6 @@ def create_app(
     options = options or ServerConfig()
     app = FastAPI(title="ember", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.ember = state
-    backend = EngineBackend(engine, model_name, state.adapter_owners)
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests, router=app.router)
     app.add_middleware(AnswerErrors, respond=_unexpected)
@@ -226,6 +241,10 @@ def create_app(
         app, options.max_request_bytes, options.body_timeout, options.allowed_origins, streamed
     )
     engine.metrics.model_name = model_name  # the `model_name` label of every series, as vLLM's
+    backend = EngineBackend(engine, model_name, state.adapter_owners)
+    if platform is not None:  # keys, limits and usage live in the store (ember.gateway)
+        state.gateway = Gateway(platform.store, engine.metrics.registry, state.prices)
+        backend = state.gateway.metered(backend)
     # ---------------------------------------------------------------------------------------------------
 
     def stalled() -> JSONResponse | None:
@@ -361,17 +380,21 @@ def create_app(
         return _reply(await backend.complete(body, target, _context(request)))
 
     @app.post("/v1/embeddings")
-    async def embed(body: EmbeddingRequest):
+    async def embed(body: EmbeddingRequest, request: Request):
         body.check_supported(state.allow_unknown_fields)
-        return await _embed(body)
+        return await _embed(body, _tenant(request), INTERACTIVE_PRIORITY)
 
-    async def _embed(body: EmbeddingRequest) -> dict:
+    async def _embed(body: EmbeddingRequest, tenant: str | None, priority: int) -> dict:
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if embeddings is None or body.model != embeddings.name:
             known = embeddings.name if embeddings is not None else "none (start with --embedding-model)"
             raise _Refuse(
                 404, f"embedding model '{body.model}' does not exist; available: {known}", "model_not_found"
+            )
+        if state.gateway is not None:
+            return await state.gateway.run(
+                "/v1/embeddings", body, tenant, priority, lambda: embeddings.embed(body)
             )
         return await embeddings.embed(body)
 
@@ -393,7 +416,7 @@ def create_app(
     async def embeddings_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = EmbeddingRequest.model_validate(body)
         req.check_supported(state.allow_unknown_fields)
-        return await _embed(req)
+        return await _embed(req, tenant, priority)
 
     if platform is not None:
         endpoints = {
@@ -589,6 +612,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         status, code, param = _LORA_ERRORS[exc.kind]
         return _error(status, str(exc), param=param, code=code)
 
+    @app.exception_handler(Limited)
+    async def _limited(_: Request, exc: Limited) -> JSONResponse:
+        kind = {401: "authentication_error", 403: "permission_error"}.get(exc.status, "rate_limit_error")
+        response = _error(
+            exc.status, str(exc), param="model" if exc.status == 403 else None, code=exc.code, kind=kind
+        )
+        response.headers.update(exc.headers)
+        if exc.code == "budget_exceeded":  # waiting a second does not help
+            del response.headers["Retry-After"]
+        return response
+
     @app.exception_handler(EngineOverloadedError)
     async def _overloaded(_: Request, exc: EngineOverloadedError) -> JSONResponse:
         return _error(429, str(exc), code="rate_limit_exceeded", kind="rate_limit_error")
@@ -657,10 +691,19 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": 500}
+        limits: dict[str, str] = {}  # the key's rate-limit headers, written by admission (ember.gateway)
+        token = RESPONSE_HEADERS.set(limits)
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if limits:
+                    have = {k for k, _ in message.get("headers", [])}
+                    extra = [(k.lower().encode(), v.encode()) for k, v in limits.items()]
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), *(h for h in extra if h[0] not in have)],
+                    }
             await send(message)
 
         if any(ch < " " or ch == "\x7f" for ch in scope["path"]):
@@ -680,21 +723,38 @@ class _Gate:
                 scope.setdefault("state", {}).update(api_key=self.state.admin_key, admin=True)
             if user:
                 key = self._key(scope, admin_too=access == "user_or_admin")
+                why = "missing or wrong API key; send it as 'Authorization: Bearer <key>'"
+                if key is None and self.state.gateway is not None:
+                    key, why = await self._virtual_key(scope, why)
                 # The handlers read request.state.api_key (and .admin: whether it is the admin key).
                 admin = key is not None and key == self.state.admin_key
                 scope.setdefault("state", {}).update(api_key=key, admin=admin)
-                if self.state.api_keys and key is None:
-                    refusal = _error(
-                        401,
-                        "missing or wrong API key; send it as 'Authorization: Bearer <key>'",
-                        code="invalid_api_key",
-                    )
+                if key is None and (self.state.api_keys or self._closed()):
+                    refusal = _error(401, why, code="invalid_api_key")
             await (self.app if refusal is None else refusal)(scope, receive, send_counted)
         finally:
+            RESPONSE_HEADERS.reset(token)
             if not public:
                 self.state.in_flight -= 1
             route = scope.get("route")
             self.counter.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
+
+    async def _virtual_key(self, scope, why: str) -> tuple[str | None, str]:
+        """The presented key if it is a live virtual key (looked up by its hash), else None and why."""
+        key = _presented_key(scope)
+        if key is None:
+            return None, why
+        keys = self.state.gateway.keys
+        found = keys.lookup(key) if keys.fresh(key) else await asyncio.to_thread(keys.lookup, key)
+        if found is None:
+            return None, why
+        if found.revoked:
+            return None, f"API key {found.id} has been revoked"
+        return key, why
+
+    def _closed(self) -> bool:
+        gateway = self.state.gateway
+        return gateway is not None and gateway.keys.any()  # a read at most once a second
 
     def _route(self, scope) -> str | None:
         """The path template of the route the router will take for this request (one that matches the

@@ -29,9 +29,20 @@ FEATURES = (
     "ember.server.flywheel_api",  # traffic -> dataset -> tune -> eval -> promote
     "ember.server.responses_api",  # /v1/responses and the server-side tool loop
     "ember.server.batches_api",  # /v1/batches over /v1/files
+    "ember.server.keys_api",  # /v1/keys: virtual keys (and the usage writer)
+    "ember.server.usage_api",  # /v1/usage: metered usage, JSON or CSV
 )
 # Route prefixes the store serves: without one (--no-store) they answer 404 not_enabled.
-STORE_PREFIXES = ("/v1/files", "/v1/responses", "/v1/batches", "/v1/evals", "/v1/aliases", "/v1/flywheel")
+STORE_PREFIXES = (
+    "/v1/files",
+    "/v1/responses",
+    "/v1/batches",
+    "/v1/evals",
+    "/v1/aliases",
+    "/v1/flywheel",
+    "/v1/keys",
+    "/v1/usage",
+)
 
 INTERACTIVE_PRIORITY = 0  # the engine serves lower numbers first
 BATCH_PRIORITY = 10

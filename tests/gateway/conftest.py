@@ -1,0 +1,1 @@
+from tests.postgres import database_url, postgres_server  # noqa: F401  (fixtures)
