@@ -187,6 +187,11 @@ class ServerConfig:
     trace_queue: int = setting(
         10000, help="traces held in memory at most; past it new ones are dropped (and counted)", minimum=1
     )
+    prices: str | None = setting(
+        None,
+        help="a JSON or YAML price table (USD per million input, cached input and output tokens per model, "
+        "a batch discount) that usage is costed and money budgets are charged by; none: tokens are free",
+    )
     max_upload_bytes: int | str = setting(
         "512MiB",
         help="the largest file /v1/files accepts (streamed to disk); past it, 413",
@@ -235,6 +240,13 @@ class ServerConfig:
             raise ConfigError(
                 "trace_retention" if "retention" in str(exc) else "trace_redact", str(exc)
             ) from None
+        if self.prices is not None:
+            from ember.gateway.usage import PriceTable
+
+            try:
+                PriceTable.load(self.prices)
+            except (OSError, ValueError) as exc:
+                raise ConfigError("prices", f"cannot read {self.prices}: {exc}") from None
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be 0..65535 (got {self.port})")
         if self.max_request_bytes < 1024:

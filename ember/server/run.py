@@ -180,6 +180,10 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         from ember.traces import TraceRecorder, TraceSettings
 
         state.recorder = TraceRecorder(state.platform.store, TraceSettings.from_config(options))
+        if options.prices is not None:
+            from ember.gateway.usage import PriceTable
+
+            state.prices = PriceTable.load(options.prices)
     if options.fine_tuning:
         from ember.server.tuning_api import Tuning
 
