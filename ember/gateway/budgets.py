@@ -29,7 +29,7 @@ def period_of(period: str, at: float | None = None) -> str:
     return time.strftime("%Y-%m-%d" if period == "day" else "%Y-%m", t)
 
 
-def _ensure(conn: sa.Connection, key_id: str, period: str) -> None:
+def ensure(conn: sa.Connection, key_id: str, period: str) -> None:
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
@@ -50,7 +50,7 @@ def reserve(store: Store, key: VirtualKey, amount: float) -> str:
     period = period_of(key.budget_period)
     c = key_spend.c
     with store.tx() as conn:
-        _ensure(conn, key.id, period)
+        ensure(conn, key.id, period)
         admitted = conn.execute(
             key_spend.update()
             .where(c.key_id == key.id, c.period == period, c.spent + c.reserved < key.budget)

@@ -103,8 +103,8 @@ class Gateway:
         self.store = store
         self.keys = KeyRing(store)
         self.limiter = RateLimiter(clock)
-        self.meter = Meter(store, registry)
         self.prices = prices or PriceTable()
+        self.meter = Meter(store, registry, self.keys, self.prices)
 
     async def key_of(self, tenant: str | None) -> VirtualKey | None:
         """The virtual key of an owner id (read at most CACHE_S ago); None for --api-key keys."""

@@ -10,7 +10,12 @@ Prices (`--prices FILE`, JSON or YAML), in USD per million tokens:
      "default": {"input": 0, "output": 0}, "batch_discount": 0.5}
 
 Cached prompt tokens cost `cached_input` (default: `input`); a batch line costs `batch_discount` times
-its price (default 0.5, as OpenAI's batch API). A model not listed costs `default` (default: nothing).
+its price (default 0.5, as OpenAI's batch API); a fine-tuning job's trained tokens cost `training`. A
+model not listed costs `default` (default: nothing).
+
+Fine-tuning is metered when its job has succeeded: the writer finds succeeded jobs with no usage row
+(every TUNING_SCAN_S, and before every usage read), writes one row each (its `ref` the job id, unique,
+so two replicas never meter a job twice) and charges the key's budget then: training is not reserved.
 """
 
 from __future__ import annotations
@@ -19,19 +24,22 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter
 
 from ember.gateway import budgets
-from ember.store.db import Store, now
+from ember.store.db import Store, jobs, now
 from ember.store.keys import usage
 
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 256
+TUNING_SCAN_S = 5.0
 PER_MILLION = 1e6
 
 
@@ -40,6 +48,7 @@ class Price:
     input: float = 0.0
     output: float = 0.0
     cached_input: float | None = None
+    training: float = 0.0
 
     def cost(self, prompt: int, cached: int, completion: int) -> float:
         cached_price = self.input if self.cached_input is None else self.cached_input
@@ -57,9 +66,9 @@ class PriceTable:
     @classmethod
     def parse(cls, data: dict) -> PriceTable:
         def price(where: str, spec) -> Price:
-            if not isinstance(spec, dict) or set(spec) - {"input", "output", "cached_input"}:
+            if not isinstance(spec, dict) or set(spec) - {"input", "output", "cached_input", "training"}:
                 raise ValueError(
-                    f"prices: {where} must be {{input, output, cached_input}} in USD per 1M tokens"
+                    f"prices: {where} must be {{input, output, cached_input, training}} in USD per 1M tokens"
                 )
             if any(isinstance(v, bool) or not isinstance(v, int | float) or v < 0 for v in spec.values()):
                 raise ValueError(f"prices: {where}: prices must be non-negative numbers")
@@ -91,6 +100,9 @@ class PriceTable:
         cost = self.models.get(model, self.default).cost(prompt, cached, completion)
         return cost * self.batch_discount if batch else cost
 
+    def training_cost(self, model: str, tokens: int) -> float:
+        return tokens * self.models.get(model, self.default).training / PER_MILLION
+
 
 @dataclass
 class Metered:
@@ -108,6 +120,8 @@ class Metered:
     cost: float
     status: int
     created_at: int = field(default_factory=now)
+    trained_tokens: int = 0
+    ref: str | None = None
     # The budget reservation to settle: (key id, period, reserved, spent), or None.
     settle: tuple[str, str, float, float] | None = None
 
@@ -148,8 +162,13 @@ def counters(registry: CollectorRegistry) -> dict[str, Counter]:
 class Meter:
     """The usage queue and its writer (a Service started with the app)."""
 
-    def __init__(self, store: Store, registry: CollectorRegistry, flush_ms: int = 200):
+    def __init__(
+        self, store: Store, registry: CollectorRegistry, keys, prices: PriceTable, flush_ms: int = 200
+    ):
         self.store = store
+        self.keys = keys  # ember.gateway.keys.KeyRing: a job's key, by its owner id
+        self.prices = prices
+        self._scanned = 0.0
         self.series = counters(registry)
         self.flush_s = flush_ms / 1000
         self._queue: list[Metered] = []
@@ -163,14 +182,18 @@ class Meter:
         self._queue.append(row)
         if self._wake is not None and len(self._queue) >= BATCH_ROWS:
             self._wake.set()
-        if row.status != 200:
-            return
+        if row.status == 200:
+            self._count(row)
+
+    def _count(self, row: Metered) -> None:
         labels = (row.key_id or "", row.team or "", row.model)
         s = self.series
         s["requests"].labels(*labels).inc()
         s["tokens"].labels(*labels, "prompt").inc(row.prompt_tokens)
         s["tokens"].labels(*labels, "cached").inc(row.cached_tokens)
         s["tokens"].labels(*labels, "completion").inc(row.completion_tokens)
+        if row.trained_tokens:
+            s["tokens"].labels(*labels, "trained").inc(row.trained_tokens)
         s["cost"].labels(*labels).inc(row.cost)
 
     def refused(self, key_id: str, code: str) -> None:
@@ -187,9 +210,16 @@ class Meter:
                 await self._task
         await self.flush()
 
-    async def flush(self) -> None:
-        """Write everything queued (the usage routes call it before they read)."""
+    async def flush(self, jobs: bool = False) -> None:
+        """Write everything queued (the usage routes call it before they read, `jobs` too)."""
         async with self._writing:
+            if jobs or time.monotonic() - self._scanned >= TUNING_SCAN_S:
+                self._scanned = time.monotonic()
+                try:
+                    for row in await asyncio.to_thread(self._meter_jobs):
+                        self._count(row)
+                except Exception:
+                    log.exception("metering fine-tuning jobs failed; the next scan retries")
             while self._queue:
                 rows, self._queue = self._queue[:BATCH_ROWS], self._queue[BATCH_ROWS:]
                 try:
@@ -212,3 +242,45 @@ class Meter:
             for r in rows:
                 if r.settle is not None:
                     budgets.settle(conn, *r.settle)
+
+    def _meter_jobs(self) -> list[Metered]:
+        """One usage row for each succeeded fine-tuning job that has none; the rows written."""
+        metered = sa.select(usage.c.ref).where(usage.c.ref.is_not(None))
+        query = sa.select(jobs).where(
+            jobs.c.status == "succeeded", jobs.c.trained_tokens.is_not(None), jobs.c.id.not_in(metered)
+        )
+        with self.store.engine.connect() as conn:
+            found = conn.execute(query.order_by(jobs.c.seq).limit(BATCH_ROWS)).all()
+        written = []
+        for job in found:
+            key = self.keys.by_tenant(job.tenant)
+            tokens = int(job.trained_tokens)
+            row = Metered(
+                tenant=job.tenant,
+                key_id=key.id if key is not None else job.tenant,
+                team=key.team if key is not None else None,
+                model=job.model,
+                endpoint="/v1/fine_tuning/jobs",
+                batch=False,
+                prompt_tokens=0,
+                cached_tokens=0,
+                completion_tokens=0,
+                cost=self.prices.training_cost(job.model, tokens),
+                status=200,
+                trained_tokens=tokens,
+                ref=job.id,
+            )
+            try:
+                with self.store.tx() as conn:
+                    conn.execute(
+                        usage.insert().values(**{k: v for k, v in vars(row).items() if k != "settle"})
+                    )
+                    if key is not None and key.budget is not None:
+                        period = budgets.period_of(key.budget_period)
+                        budgets.ensure(conn, key.id, period)
+                        spent = row.cost if key.budget_unit == "usd" else float(tokens)
+                        budgets.settle(conn, key.id, period, 0.0, spent)
+            except sa.exc.IntegrityError:  # another replica metered it first
+                continue
+            written.append(row)
+        return written

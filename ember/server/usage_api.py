@@ -21,7 +21,7 @@ from ember.server.platform import PlatformContext
 from ember.store.keys import usage
 
 ACCESS = {"/v1/usage": "user_or_admin", "/v1/usage.csv": "user_or_admin"}
-TOKENS = ("prompt_tokens", "cached_tokens", "completion_tokens")
+TOKENS = ("prompt_tokens", "cached_tokens", "completion_tokens", "trained_tokens")
 CSV_COLUMNS = ("created_at", "key_id", "team", "model", "endpoint", "batch", *TOKENS, "cost")
 
 
@@ -96,7 +96,7 @@ def install(app: FastAPI, ctx: PlatformContext) -> None:
         fmt = request.query_params.get("format", "json")
         if fmt not in ("json", "csv"):
             raise Refusal(400, f"'format' must be json or csv (got {fmt!r})", param="format")
-        await meter.flush()
+        await meter.flush(jobs=True)
         if fmt == "csv":
             return await csv_response(where)
         data = await asyncio.to_thread(summed, where)
@@ -106,5 +106,5 @@ def install(app: FastAPI, ctx: PlatformContext) -> None:
     @app.get("/v1/usage.csv")
     async def get_usage_csv(request: Request) -> Response:
         where = _where(request, ctx)
-        await meter.flush()
+        await meter.flush(jobs=True)
         return await csv_response(where)

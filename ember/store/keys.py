@@ -61,6 +61,8 @@ usage = sa.Table(
     sa.Column("prompt_tokens", sa.Integer, nullable=False),
     sa.Column("cached_tokens", sa.Integer, nullable=False),
     sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("trained_tokens", sa.Integer, nullable=False),  # a fine-tuning job's
     sa.Column("cost", sa.Float, nullable=False),  # USD, from the price table
+    sa.Column("ref", sa.String(64), nullable=True, unique=True),  # the job a fine-tuning row is for
     sa.Column("status", sa.Integer, nullable=False),  # 200, or the error status after admission
 )

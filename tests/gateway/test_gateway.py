@@ -23,7 +23,10 @@ from tests.server.fakes import serving
 MODEL = "fake-model"
 ADMIN = "admin-secret-key"
 ADMIN_H = {"Authorization": f"Bearer {ADMIN}"}
-PRICES = {"models": {MODEL: {"input": 1.0, "cached_input": 0.5, "output": 2.0}}, "batch_discount": 0.5}
+PRICES = {
+    "models": {MODEL: {"input": 1.0, "cached_input": 0.5, "output": 2.0, "training": 3.0}},
+    "batch_discount": 0.5,
+}
 
 
 class SlowEngine(FakeEngine):
@@ -299,6 +302,7 @@ def test_streams_are_metered_and_the_usage_chunk_stays_unasked(tmp_path):
             "prompt_tokens": 2,
             "cached_tokens": 0,
             "completion_tokens": 4,
+            "trained_tokens": 0,
             "requests": 2,
             "cost": pytest.approx(2 * 5e-6),
         }
@@ -327,6 +331,32 @@ def test_batch_lines_are_metered_at_the_batch_price(tmp_path):
         batched = [r.split(",") for r in rows if ",True," in r]
         assert len(batched) == 3
         assert all(float(r[-1]) == pytest.approx(0.5 * 5e-6) for r in batched)  # half of $5e-6
+
+
+def test_fine_tuning_is_metered_once_its_job_succeeded(tmp_path, database_url):
+    from ember.store import db
+
+    with client(tmp_path, database_url) as http:
+        made = new_key(http, team="ml", budget=5000)
+        job = {
+            "id": "ftjob-1",
+            "tenant": made["tenant"],
+            "model": MODEL,
+            "source": MODEL,
+            "training_file": "file-1",
+            "spec": "{}",
+            "seed": 0,
+            "status": "succeeded",
+            "trained_tokens": 1000,
+            "created_at": db.now(),
+        }
+        http.app.state.ember.platform.store.insert(db.jobs, job)
+        for _ in range(2):  # metered once, however often it is read
+            rows = [r for r in usage_of(http, made["key"])["data"]]
+            assert [(r["key_id"], r["team"], r["trained_tokens"]) for r in rows] == [(made["id"], "ml", 1000)]
+            assert rows[0]["cost"] == pytest.approx(1000 * 3.0 / 1e6)
+        assert http.get(f"/v1/keys/{made['id']}", headers=ADMIN_H).json()["spend"]["spent"] == 1000
+        assert ",/v1/fine_tuning/jobs," in http.get("/v1/usage.csv", headers=ADMIN_H).text
 
 
 def test_keys_never_in_logs_metrics_or_errors(tmp_path, caplog):
