@@ -22,6 +22,7 @@ CACHE_S = 1.0  # the longest a key's row (revoked or not) is trusted without rea
 KEY_PREFIX = "sk-ember-"
 UNITS = ("tokens", "usd")
 PERIODS = ("day", "month", "total")
+MAX_LIMIT = 10**15  # per minute: far past any real limit, well inside a BIGINT
 EDITABLE = ("name", "owner", "team", "models", "rpm", "tpm", "budget", "budget_unit", "budget_period")
 
 
@@ -71,10 +72,10 @@ def check_settings(values: dict) -> dict:
         raise ValueError(f"unknown key setting '{sorted(unknown)[0]}'; known: {', '.join(EDITABLE)}")
     for name in ("rpm", "tpm"):
         v = values.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"'{name}' must be a positive integer or null (got {v!r})")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_LIMIT):
+            raise ValueError(f"'{name}' must be an integer in 1..{MAX_LIMIT} or null (got {v!r})")
     b = values.get("budget")
-    if b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or b < 0):
+    if b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or not 0 <= b <= 1e18):
         raise ValueError(f"'budget' must be a non-negative number or null (got {b!r})")
     if values.get("budget_unit", "tokens") not in UNITS:
         raise ValueError(f"'budget_unit' must be one of {', '.join(UNITS)}")

@@ -201,13 +201,18 @@ class Meter:
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
+        self._writing = asyncio.Lock()  # made in the app's event loop
+        self._stopping = False
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Write what is queued and end the writer. It is asked to stop, not cancelled: a cancel that
+        meets a wake-up can be lost in asyncio.wait_for (Python < 3.12) and the writer would run on."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._wake.set()
+            await self._task
+            self._task = None
         await self.flush()
 
     async def flush(self, jobs: bool = False) -> None:
@@ -228,7 +233,7 @@ class Meter:
                     log.exception("writing %d usage rows failed; they are dropped", len(rows))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_s)
             self._wake.clear()

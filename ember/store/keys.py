@@ -26,8 +26,8 @@ virtual_keys = sa.Table(
     sa.Column("owner", sa.String(256), nullable=True),
     sa.Column("team", sa.String(256), nullable=True, index=True),
     sa.Column("models", sa.JSON, nullable=True),  # list[str] the key may call; None: every model
-    sa.Column("rpm", sa.Integer, nullable=True),  # requests per minute; None: no limit
-    sa.Column("tpm", sa.Integer, nullable=True),  # tokens per minute; None: no limit
+    sa.Column("rpm", sa.BigInteger, nullable=True),  # requests per minute; None: no limit
+    sa.Column("tpm", sa.BigInteger, nullable=True),  # tokens per minute; None: no limit
     sa.Column("budget", sa.Float, nullable=True),  # in `budget_unit` per `budget_period`; None: none
     sa.Column("budget_unit", sa.String(8), nullable=False),  # tokens | usd
     sa.Column("budget_period", sa.String(8), nullable=False),  # day | month | total (UTC)
