@@ -308,6 +308,42 @@ def test_streams_are_metered_and_the_usage_chunk_stays_unasked(tmp_path):
         }
 
 
+class FakeEmbedder:
+    """Two dimensions, one token per word."""
+
+    name, dim, max_input_tokens = "fake-embed", 2, 64
+
+    def tokenize(self, texts):
+        return [[1] * len(t.split()) for t in texts]
+
+    def embed(self, ids):
+        import torch
+
+        return torch.ones(len(ids), 2)
+
+
+def test_chat_and_embeddings_are_metered(tmp_path):
+    from tests.fixtures_tokenizer import smollm2_tokenizer
+
+    engine = SlowEngine()
+    engine.tokenizer = smollm2_tokenizer()
+    platform = Platform.open(tmp_path, f"sqlite:///{tmp_path}/ember.db", 1 << 20)
+    state = ServerState(admin_key=ADMIN, platform=platform, embedder=FakeEmbedder())
+    with TestClient(create_app(engine, MODEL, state)) as http:
+        made = new_key(http, team="t")
+        c = sdk(http, made["key"])
+        chat = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        c.embeddings.create(model="fake-embed", input=["three words here"])
+        rows = http.get("/v1/usage.csv", headers=ADMIN_H).text.strip().splitlines()[1:]
+    by_endpoint = {r.split(",")[4]: r.split(",") for r in rows}
+    assert set(by_endpoint) == {"/v1/chat/completions", "/v1/embeddings"}
+    assert int(by_endpoint["/v1/chat/completions"][6]) == chat.usage.prompt_tokens
+    assert int(by_endpoint["/v1/embeddings"][6]) == 3  # one token a word
+    assert all(r[1] == made["id"] and r[2] == "t" for r in by_endpoint.values())
+
+
 def test_batch_lines_are_metered_at_the_batch_price(tmp_path):
     import io
     import json
