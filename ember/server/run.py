@@ -180,6 +180,11 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         from ember.traces import TraceRecorder, TraceSettings
 
         state.recorder = TraceRecorder(state.platform.store, TraceSettings.from_config(options))
+    if options.mcp:
+        from ember.responses.mcp import McpHub
+
+        state.mcp = McpHub(options.mcp, options.mcp_timeout, options.mcp_max_output)
+        log.info("MCP servers: %s", ", ".join(s.label for s in options.mcp))
     if options.fine_tuning:
         from ember.server.tuning_api import Tuning
 

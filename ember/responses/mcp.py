@@ -1,0 +1,309 @@
+"""The operator's MCP servers (`--mcp`), as the Responses loop calls them: one client session per server,
+over stdio (a child process in its own process group, killed with its children on stop) or Streamable
+HTTP, with the `mcp` package's client.
+
+A session is opened on first use and reopened after anything that leaves it in doubt: the server closed
+the connection (a crash mid-call reads as an error at once, not after the timeout), a call ran past its
+timeout (a hung server is replaced, not waited on), the session could not be opened. Every call is
+bounded in time (`timeout_s`, opening the session included) and in what it returns (`max_output` bytes of
+text reach the model; the cut is said in the result). Failures are results with an `error`, never
+exceptions: the model reads them and the loop goes on.
+
+anyio's context managers (the client's, its transport's) must be left in the task that entered them, so
+each session lives in a task of its own that holds it open until it is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from ember.config.server import McpServer
+
+log = logging.getLogger("ember.mcp")
+
+IDLE_PING_S = 10.0  # a session unused this long is pinged before a call: a server that died idle is reopened
+PING_TIMEOUT_S = 1.0
+CLOSE_TIMEOUT_S = 10.0  # the mcp client's own shutdown: stdin closed, 2 s, SIGTERM to the group, 2 s, SIGKILL
+# A stdio server is started through this: it notes its pid (its process group's id, as the mcp client
+# starts it in a session of its own) and becomes the server by exec, so that the group, the server's own
+# children included, can be killed once the session is over; the mcp client kills it only on a timeout.
+_EXEC_NOTING_PID = (
+    "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); os.execvp(sys.argv[2], sys.argv[2:])"
+)
+MAX_TOOL_PAGES = 100  # tools/list pages read at most (a server whose cursor never ends cannot hang a list)
+
+
+@dataclass(frozen=True)
+class McpTool:
+    name: str
+    description: str | None
+    input_schema: dict
+
+
+@dataclass(frozen=True)
+class McpResult:
+    """What the model reads of one call: its output, or why there is none."""
+
+    output: str | None
+    error: str | None
+
+
+class _Session:
+    """One open client session, held by its own task until `close()`."""
+
+    def __init__(self, server: McpServer):
+        self.server = server
+        self.client = None  # mcp.Client, once open
+        self.tools: list[McpTool] | None = None  # listed once per session
+        self.used = time.monotonic()
+        self.dead = False  # closed, or in doubt: the next call opens another
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
+
+    async def open(self) -> None:
+        from mcp import Client
+        from mcp.client.stdio import StdioServerParameters
+
+        s = self.server
+        pidfile = None
+        if s.url is not None:
+            target = s.url
+        else:
+            if shutil.which(s.command[0]) is None:
+                raise FileNotFoundError(f"the command '{s.command[0]}' is not found")
+            fd, pidfile = tempfile.mkstemp(prefix="ember-mcp-", suffix=".pid")
+            os.close(fd)
+            # The child inherits the environment: a server started by hand would see the same.
+            args = ["-c", _EXEC_NOTING_PID, pidfile, *s.command]
+            target = StdioServerParameters(command=sys.executable, args=args, env=dict(os.environ))
+        ready = self._ready = asyncio.get_running_loop().create_future()
+
+        async def hold() -> None:
+            try:
+                async with Client(target, cache=None) as client:
+                    ready.set_result(client)
+                    await self._closing.wait()
+            except BaseException as exc:  # the session's end, however it came: the task ends with it
+                if not ready.done():
+                    ready.set_exception(exc if isinstance(exc, Exception) else ConnectionError(repr(exc)))
+                elif not isinstance(exc, asyncio.CancelledError):
+                    log.warning("MCP server '%s': the session ended: %s", s.label, _describe(exc))
+            finally:
+                self.dead = True
+                if pidfile is not None:
+                    _kill_group(pidfile)
+
+        self._task = asyncio.ensure_future(hold())
+        try:
+            self.client = await asyncio.shield(ready)
+        except asyncio.CancelledError:  # the caller's timeout: the half-open session goes too
+            self.close()
+            raise
+
+    def close(self) -> asyncio.Task | None:
+        """Ask the holding task to close the session; the task (to await) ends when it has."""
+        self.dead = True
+        self._closing.set()
+        if self._task is not None and self._ready is not None and not self._ready.done():
+            self._task.cancel()  # still opening (a spawn or a connect that hangs): stop it there
+        return self._task
+
+
+class McpHub:
+    """The operator's MCP servers, by label: `list_tools`, `call`; a Service (started and stopped with the
+    app)."""
+
+    def __init__(self, servers: list[McpServer], timeout_s: float = 30.0, max_output: int = 64 << 10):
+        self.servers = {s.label: s for s in servers}
+        self.timeout_s = timeout_s
+        self.max_output = max_output
+        self._sessions: dict[str, _Session] = {}
+        self._opening: dict[str, asyncio.Lock] = {label: asyncio.Lock() for label in self.servers}
+        self._closing: set[asyncio.Task] = set()  # sessions being closed, awaited by stop()
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.servers)
+
+    async def start(self) -> None:
+        """Open every server's session, so that one that cannot start says so in the log at once; a server
+        that fails here is tried again on first use."""
+        results = await asyncio.gather(
+            *(self._open(label, self.timeout_s) for label in self.servers), return_exceptions=True
+        )
+        for label, result in zip(self.servers, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning(
+                    "MCP server '%s' did not start: %s (tried again on first use)", label, _describe(result)
+                )
+            else:
+                log.info("MCP server '%s' ready", label)
+
+    async def stop(self) -> None:
+        """Close every session; stdio servers are stopped (their whole process group)."""
+        for label in list(self._sessions):
+            self._retire(label)
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT_S)
+
+    async def list_tools(self, label: str) -> list[McpTool]:
+        """The server's tools (listed once per session); raises what kept them from being listed."""
+        self._known(label)
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                session = await self._session(label, deadline)
+                if session.tools is None:
+                    session.tools = await _list(session.client)
+                session.used = time.monotonic()
+                return session.tools
+        except TimeoutError:
+            self._retire(label)
+            raise TimeoutError(f"no answer within {self.timeout_s:g} s") from None
+        except Exception:
+            self._retire(label)
+            raise
+
+    async def call(self, label: str, name: str, arguments: dict, timeout_s: float | None = None) -> McpResult:
+        """Run one tool; every failure is an McpResult with an error, in time: `timeout_s` (at most the
+        hub's), opening the session included."""
+        self._known(label)
+        limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = time.monotonic() + limit
+        try:
+            async with asyncio.timeout(limit):
+                session = await self._session(label, deadline)
+                result = await session.client.call_tool(name, arguments)
+                session.used = time.monotonic()
+        except TimeoutError:
+            self._retire(label)
+            return McpResult(
+                None,
+                f"the tool '{name}' of MCP server '{label}' did not answer within {limit:g} s; "
+                "the server's session is restarted",
+            )
+        except Exception as exc:
+            from mcp.shared.exceptions import MCPError
+            from mcp_types import CONNECTION_CLOSED
+
+            if isinstance(exc, MCPError) and exc.code != CONNECTION_CLOSED:  # the server answered: an error
+                return McpResult(None, f"MCP server '{label}' refused the call to '{name}': {exc}")
+            self._retire(label)
+            if isinstance(exc, MCPError):
+                why = "closed the connection during the call (it crashed or exited)"
+            else:
+                why = f"could not be reached ({_describe(exc)})"
+            return McpResult(None, f"MCP server '{label}' {why}; it is restarted for the next call")
+        text = _text(result, self.max_output)
+        return McpResult(None, text or "the tool failed") if result.is_error else McpResult(text, None)
+
+    # -- sessions ------------------------------------------------------------------------------------
+
+    def _known(self, label: str) -> None:
+        if label not in self.servers:
+            raise KeyError(
+                f"no MCP server labelled '{label}'; configured: {', '.join(self.servers) or 'none'}"
+            )
+
+    async def _session(self, label: str, deadline: float) -> _Session:
+        """The label's open session, opened (or reopened) if need be."""
+        session = self._sessions.get(label)
+        if session is not None and not session.dead and time.monotonic() - session.used > IDLE_PING_S:
+            try:  # a server that died while idle is found here, not by the call the model made
+                await asyncio.wait_for(session.client.send_ping(), PING_TIMEOUT_S)
+                session.used = time.monotonic()
+            except Exception:
+                self._retire(label)
+        session = self._sessions.get(label)
+        if session is None or session.dead:
+            session = await self._open(label, deadline - time.monotonic())
+        return session
+
+    async def _open(self, label: str, timeout: float) -> _Session:
+        async with self._opening[label]:  # calls that find no session wait for one opening
+            session = self._sessions.get(label)
+            if session is not None and not session.dead:
+                return session
+            self._retire(label)
+            session = _Session(self.servers[label])
+            async with asyncio.timeout(max(timeout, 0.001)):
+                await session.open()
+            self._sessions[label] = session
+            return session
+
+    def _retire(self, label: str) -> None:
+        """Close the label's session (in the background: a stdio server gets seconds to exit)."""
+        session = self._sessions.pop(label, None)
+        if session is None:
+            return
+        task = session.close()
+        if task is not None and not task.done():
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+
+def _kill_group(pidfile: str) -> None:
+    """Kill what is left of a stdio server's process group (its pid noted in `pidfile`, then removed)."""
+    try:
+        with open(pidfile) as f:
+            text = f.read().strip()
+        os.unlink(pidfile)
+    except OSError:
+        return
+    if text.isdigit():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(int(text), signal.SIGKILL)
+
+
+async def _list(client) -> list[McpTool]:
+    tools: list[McpTool] = []
+    cursor = None
+    for _ in range(MAX_TOOL_PAGES):
+        page = await client.list_tools(cursor=cursor)
+        tools += [McpTool(t.name, t.description, dict(t.input_schema or {})) for t in page.tools]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    return tools
+
+
+def _text(result, limit: int) -> str:
+    """A CallToolResult as the text the model reads, at most `limit` bytes of UTF-8 (the cut said)."""
+    parts: list[str] = []
+    for block in result.content or []:
+        kind = getattr(block, "type", "?")
+        if kind == "text":
+            parts.append(block.text)
+        elif kind == "resource" and isinstance(getattr(block.resource, "text", None), str):
+            parts.append(block.resource.text)
+        else:
+            mime = getattr(block, "mime_type", None) or getattr(
+                getattr(block, "resource", None), "mime_type", None
+            )
+            parts.append(f"[{kind} content{f' ({mime})' if mime else ''}, not shown]")
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content))
+    text = "\n".join(parts)
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    note = f"\n[ember: the tool's output was {len(data)} bytes; cut to the first {limit} (--mcp-max-output)]"
+    return data[:limit].decode(errors="ignore") + note
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception, an anyio exception group's first leaf included."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
