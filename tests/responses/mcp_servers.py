@@ -71,6 +71,12 @@ def faults() -> MCPServer:
         return f"slept {seconds} s"
 
     @server.tool()
+    async def hang() -> str:
+        """Never answer."""
+        await asyncio.sleep(3600)
+        return "woke"
+
+    @server.tool()
     def big() -> str:
         """Answer 10 MiB of text."""
         return "x" * BIG
