@@ -31,8 +31,11 @@ from ember.config.server import McpServer
 
 log = logging.getLogger("ember.mcp")
 
-IDLE_PING_S = 10.0  # a session unused this long is pinged before a call: a server that died idle is reopened
-PING_TIMEOUT_S = 1.0
+# A session unused this long lists its tools again before a call (ping is gone from MCP 2026-07-28): a
+# server that died while idle is reopened then, not reported to the model as a failed call.
+IDLE_PROBE_S = 10.0
+PROBE_TIMEOUT_S = 1.0
+OPEN_TIMEOUT_S = 60.0  # starting a server (a Python one imports for seconds) and opening its session
 CLOSE_TIMEOUT_S = 10.0  # the mcp client's own shutdown: stdin closed, 2 s, SIGTERM to the group, 2 s, SIGKILL
 # A stdio server is started through this: it notes its pid (its process group's id, as the mcp client
 # starts it in a session of its own) and becomes the server by exec, so that the group, the server's own
@@ -96,7 +99,10 @@ class _Session:
                     await self._closing.wait()
             except BaseException as exc:  # the session's end, however it came: the task ends with it
                 if not ready.done():
-                    ready.set_exception(exc if isinstance(exc, Exception) else ConnectionError(repr(exc)))
+                    if isinstance(exc, Exception):
+                        ready.set_exception(exc)
+                    else:
+                        ready.cancel()
                 elif not isinstance(exc, asyncio.CancelledError):
                     log.warning("MCP server '%s': the session ended: %s", s.label, _describe(exc))
             finally:
@@ -124,12 +130,21 @@ class McpHub:
     """The operator's MCP servers, by label: `list_tools`, `call`; a Service (started and stopped with the
     app)."""
 
-    def __init__(self, servers: list[McpServer], timeout_s: float = 30.0, max_output: int = 64 << 10):
+    def __init__(
+        self,
+        servers: list[McpServer],
+        timeout_s: float = 30.0,
+        max_output: int = 64 << 10,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
+    ):
         self.servers = {s.label: s for s in servers}
         self.timeout_s = timeout_s
         self.max_output = max_output
+        self.open_timeout_s = open_timeout_s
         self._sessions: dict[str, _Session] = {}
-        self._opening: dict[str, asyncio.Lock] = {label: asyncio.Lock() for label in self.servers}
+        # A session being opened: one task per server, awaited by every call that needs it and never
+        # cancelled by a caller's timeout (a server slow to start is still starting for the next call).
+        self._opening: dict[str, asyncio.Task] = {}
         self._closing: set[asyncio.Task] = set()  # sessions being closed, awaited by stop()
 
     @property
@@ -140,7 +155,7 @@ class McpHub:
         """Open every server's session, so that one that cannot start says so in the log at once; a server
         that fails here is tried again on first use."""
         results = await asyncio.gather(
-            *(self._open(label, self.timeout_s) for label in self.servers), return_exceptions=True
+            *(self._opened(label) for label in self.servers), return_exceptions=True
         )
         for label, result in zip(self.servers, results, strict=True):
             if isinstance(result, BaseException):
@@ -152,41 +167,49 @@ class McpHub:
 
     async def stop(self) -> None:
         """Close every session; stdio servers are stopped (their whole process group)."""
+        for task in self._opening.values():
+            task.cancel()
+        if self._opening:
+            await asyncio.wait(set(self._opening.values()), timeout=CLOSE_TIMEOUT_S)
         for label in list(self._sessions):
-            self._retire(label)
+            self._retire(label, reopen=False)
         if self._closing:
             await asyncio.wait(set(self._closing), timeout=CLOSE_TIMEOUT_S)
 
     async def list_tools(self, label: str) -> list[McpTool]:
         """The server's tools (listed once per session); raises what kept them from being listed."""
         self._known(label)
-        deadline = time.monotonic() + self.timeout_s
+        session = None
         try:
             async with asyncio.timeout(self.timeout_s):
-                session = await self._session(label, deadline)
+                session = await self._session(label)
                 if session.tools is None:
                     session.tools = await _list(session.client)
                 session.used = time.monotonic()
                 return session.tools
-        except TimeoutError:
-            self._retire(label)
-            raise TimeoutError(f"no answer within {self.timeout_s:g} s") from None
-        except Exception:
-            self._retire(label)
+        except Exception as exc:
+            if session is not None:  # it answered nothing sensible: the next request gets a new one
+                self._retire(label)
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"no answer within {self.timeout_s:g} s") from None
             raise
 
     async def call(self, label: str, name: str, arguments: dict, timeout_s: float | None = None) -> McpResult:
         """Run one tool; every failure is an McpResult with an error, in time: `timeout_s` (at most the
-        hub's), opening the session included."""
+        hub's), waiting for the session included."""
         self._known(label)
         limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
-        deadline = time.monotonic() + limit
+        session = None
         try:
             async with asyncio.timeout(limit):
-                session = await self._session(label, deadline)
+                session = await self._session(label)
                 result = await session.client.call_tool(name, arguments)
                 session.used = time.monotonic()
         except TimeoutError:
+            if session is None:
+                return McpResult(
+                    None, f"MCP server '{label}' is still starting (not ready within {limit:g} s)"
+                )
             self._retire(label)
             return McpResult(
                 None,
@@ -199,8 +222,8 @@ class McpHub:
 
             if isinstance(exc, MCPError) and exc.code != CONNECTION_CLOSED:  # the server answered: an error
                 return McpResult(None, f"MCP server '{label}' refused the call to '{name}': {exc}")
-            self._retire(label)
-            if isinstance(exc, MCPError):
+            if session is not None:
+                self._retire(label)
                 why = "closed the connection during the call (it crashed or exited)"
             else:
                 why = f"could not be reached ({_describe(exc)})"
@@ -216,41 +239,60 @@ class McpHub:
                 f"no MCP server labelled '{label}'; configured: {', '.join(self.servers) or 'none'}"
             )
 
-    async def _session(self, label: str, deadline: float) -> _Session:
+    async def _session(self, label: str) -> _Session:
         """The label's open session, opened (or reopened) if need be."""
         session = self._sessions.get(label)
-        if session is not None and not session.dead and time.monotonic() - session.used > IDLE_PING_S:
+        if session is not None and not session.dead and time.monotonic() - session.used > IDLE_PROBE_S:
             try:  # a server that died while idle is found here, not by the call the model made
-                await asyncio.wait_for(session.client.send_ping(), PING_TIMEOUT_S)
+                session.tools = await asyncio.wait_for(_list(session.client), PROBE_TIMEOUT_S)
                 session.used = time.monotonic()
             except Exception:
                 self._retire(label)
         session = self._sessions.get(label)
-        if session is None or session.dead:
-            session = await self._open(label, deadline - time.monotonic())
+        if session is not None and not session.dead:
+            return session
+        return await self._opened(label)
+
+    def _opened(self, label: str) -> asyncio.Future:
+        """The session being opened for `label` (opening one if none is); callers may stop waiting."""
+        task = self._opening.get(label)
+        if task is None or task.done():
+            task = self._opening[label] = asyncio.ensure_future(self._open(label))
+            task.add_done_callback(
+                lambda t: self._opening.pop(label, None) if self._opening.get(label) is t else None
+            )
+            task.add_done_callback(_retrieved)
+        return asyncio.shield(task)
+
+    async def _open(self, label: str) -> _Session:
+        self._retire(label, reopen=False)
+        session = _Session(self.servers[label])
+        try:
+            async with asyncio.timeout(self.open_timeout_s):
+                await session.open()
+        except BaseException:
+            session.close()
+            raise
+        self._sessions[label] = session
         return session
 
-    async def _open(self, label: str, timeout: float) -> _Session:
-        async with self._opening[label]:  # calls that find no session wait for one opening
-            session = self._sessions.get(label)
-            if session is not None and not session.dead:
-                return session
-            self._retire(label)
-            session = _Session(self.servers[label])
-            async with asyncio.timeout(max(timeout, 0.001)):
-                await session.open()
-            self._sessions[label] = session
-            return session
-
-    def _retire(self, label: str) -> None:
-        """Close the label's session (in the background: a stdio server gets seconds to exit)."""
+    def _retire(self, label: str, reopen: bool = True) -> None:
+        """Close the label's session (in the background: a stdio server gets seconds to exit) and open the
+        next one at once (`reopen`), so that the next call finds it ready."""
         session = self._sessions.pop(label, None)
-        if session is None:
-            return
-        task = session.close()
-        if task is not None and not task.done():
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        if session is not None:
+            task = session.close()
+            if task is not None and not task.done():
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        if reopen:
+            self._opened(label)
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    """A background open's failure is the next caller's to see, not asyncio's to log as never retrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _kill_group(pidfile: str) -> None:

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -25,19 +26,23 @@ CAPITALS = {"france": "Paris", "norway": "Oslo", "japan": "Tokyo", "kenya": "Nai
 BIG = 10 << 20  # the fault server's large result: 10 MiB
 
 
-def calculator() -> MCPServer:
-    server = MCPServer("calc", log_level="CRITICAL")
+def calculator(digits: bool = False) -> MCPServer:
+    """add and multiply on integers; `digits`: on 0..9 only (an enum in the schema: the call grammar then
+    keeps a random model's numbers short)."""
+    server = MCPServer("digits" if digits else "calc", log_level="CRITICAL")
+    number = Literal[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] if digits else int
 
-    @server.tool()
-    def add(a: int, b: int) -> int:
+    def add(a, b):
         """Add two integers."""
         return a + b
 
-    @server.tool()
-    def multiply(a: int, b: int) -> int:
+    def multiply(a, b):
         """Multiply two integers."""
         return a * b
 
+    for tool in (add, multiply):  # typed here: the module's annotations are strings, `number` is local
+        tool.__annotations__ = {"a": number, "b": number, "return": int}
+        server.tool()(tool)
     return server
 
 
@@ -96,7 +101,7 @@ def faults() -> MCPServer:
     return server
 
 
-SERVERS = {"calc": calculator, "kv": lookup, "faults": faults}
+SERVERS = {"calc": calculator, "digits": lambda: calculator(digits=True), "kv": lookup, "faults": faults}
 
 
 def stdio_command(name: str) -> list[str]:
