@@ -266,8 +266,8 @@ class ServerConfig:
     )
     mcp_timeout: float = setting(
         30.0,
-        help="seconds one MCP tool call (and opening its server's session) may take; past it the model "
-        "reads an error and the session is restarted",
+        help="seconds one MCP tool call may take (waiting for its server to start included); past it the "
+        "model reads an error and the server's session is restarted",
         minimum=0.1,
     )
     mcp_max_output: int | str = setting(

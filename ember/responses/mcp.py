@@ -2,12 +2,14 @@
 over stdio (a child process in its own process group, killed with its children on stop) or Streamable
 HTTP, with the `mcp` package's client.
 
-A session is opened on first use and reopened after anything that leaves it in doubt: the server closed
-the connection (a crash mid-call reads as an error at once, not after the timeout), a call ran past its
-timeout (a hung server is replaced, not waited on), the session could not be opened. Every call is
-bounded in time (`timeout_s`, opening the session included) and in what it returns (`max_output` bytes of
-text reach the model; the cut is said in the result). Failures are results with an `error`, never
-exceptions: the model reads them and the loop goes on.
+A session is opened at start, and again (in the background, at once) after anything that leaves it in
+doubt: the server closed the connection (a crash mid-call reads as an error at once, not after the
+timeout), a call ran past its timeout (a hung server is replaced, not waited on), or it could not be
+opened. Every call is bounded in time (`timeout_s`, waiting for a session that is still opening included)
+and in what it returns (`max_output` bytes of text reach the model; the cut is said in the result). The
+client reads a result whole before it is cut: a 10 MiB result costs its size in memory, and seconds of
+parsing, while it is read; never the prompt. Failures are results with an `error`, never exceptions: the
+model reads them and the loop goes on.
 
 anyio's context managers (the client's, its transport's) must be left in the task that entered them, so
 each session lives in a task of its own that holds it open until it is closed.
