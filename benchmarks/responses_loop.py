@@ -218,9 +218,9 @@ def main() -> None:
         listed = server_task(warm, args.model, args.max_output_tokens, 10)["tools"]  # and a warm-up
         client_task(warm, args.model, args.max_output_tokens, 11, listed)
         n = 20
-        for rtt in rtts:
+        for i, rtt in enumerate(rtts):
             for r in range(args.rounds):
-                order = ("server", "client") if r % 2 == 0 else ("client", "server")
+                order = ("server", "client") if (i + r) % 2 == 0 else ("client", "server")
                 for mode in order:
                     c = Client(url, rtt)
                     start = time.perf_counter()
