@@ -257,6 +257,9 @@ class McpHub:
 
     def _opened(self, label: str) -> asyncio.Future:
         """The session being opened for `label` (opening one if none is); callers may stop waiting."""
+        return asyncio.shield(self._opening_task(label))
+
+    def _opening_task(self, label: str) -> asyncio.Task:
         task = self._opening.get(label)
         if task is None or task.done():
             task = self._opening[label] = asyncio.ensure_future(self._open(label))
@@ -264,7 +267,7 @@ class McpHub:
                 lambda t: self._opening.pop(label, None) if self._opening.get(label) is t else None
             )
             task.add_done_callback(_retrieved)
-        return asyncio.shield(task)
+        return task
 
     async def _open(self, label: str) -> _Session:
         self._retire(label, reopen=False)
@@ -288,7 +291,7 @@ class McpHub:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         if reopen:
-            self._opened(label)
+            self._opening_task(label)
 
 
 def _retrieved(task: asyncio.Task) -> None:
