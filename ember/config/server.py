@@ -9,8 +9,11 @@ key from every source; the admin key from the flag, else its file, else the envi
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ember.config.schema import REDACTED, ConfigError, check, setting
 from ember.config.units import format_bytes, parse_bytes
@@ -58,6 +61,61 @@ def parse_namespaces(specs: list[str]) -> dict[str, list[str]]:
         if not sep or not name.strip() or not listed:
             raise ValueError(f"--cache-namespace takes NAME=KEY1,KEY2,... (got '{spec}')")
         out.setdefault(name.strip(), []).extend(listed)
+    return out
+
+
+MCP_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class McpServer:
+    """One operator-configured MCP server: a command run over stdio, or a Streamable HTTP endpoint."""
+
+    label: str  # what requests name it by: {"type": "mcp", "server_label": label}
+    command: tuple[str, ...] = ()  # stdio: the program and its arguments
+    url: str | None = None  # Streamable HTTP: http(s)://host[:port]/path
+
+    @classmethod
+    def parse(cls, label: str, target: str) -> McpServer:
+        """`calc`, `stdio:python -m calc` / `http://host:port/mcp` -> the server; ValueError naming the fault."""
+        spec = f"--mcp {label}={target}"
+        if not MCP_LABEL.match(label):
+            raise ValueError(
+                f"{spec}: the label must start with a letter and hold only letters, digits, '_' and '-' "
+                "(64 at most)"
+            )
+        scheme, sep, rest = target.partition(":")
+        scheme = scheme.strip().lower()
+        if sep and scheme == "stdio":
+            try:
+                command = tuple(shlex.split(rest))
+            except ValueError as exc:
+                raise ValueError(f"{spec}: cannot split the command ({exc})") from None
+            if not command:
+                raise ValueError(f"{spec}: stdio: needs a command, e.g. stdio:python -m my_server")
+            return cls(label, command=command)
+        if sep and scheme in ("http", "https"):
+            url = target.strip()
+            if not urlsplit(url).hostname:
+                raise ValueError(f"{spec}: the URL has no host (e.g. http://127.0.0.1:8001/mcp)")
+            return cls(label, url=url)
+        named = f"unknown scheme '{scheme}'" if sep else "no scheme"
+        raise ValueError(f"{spec}: {named}; use stdio:COMMAND ARGS or http(s)://HOST/PATH")
+
+
+def parse_mcp(specs: list[str]) -> dict[str, str]:
+    """['calc=stdio:python -m calc', 'kv=http://h/mcp'] -> {'calc': 'stdio:...', 'kv': 'http://h/mcp'},
+    each checked (McpServer.parse)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        label, sep, target = spec.partition("=")
+        label = label.strip()
+        if not sep or not label or not target.strip():
+            raise ValueError(f"--mcp takes LABEL=stdio:COMMAND or LABEL=http(s)://URL (got '{spec}')")
+        if label in out:
+            raise ValueError(f"--mcp: the label '{label}' is given twice")
+        McpServer.parse(label, target)
+        out[label] = target.strip()
     return out
 
 
@@ -203,6 +261,26 @@ class ServerConfig:
         "serve what is tuned; off: a 404 that says how to turn it on)",
     )
     max_tuning_jobs: int = setting(1, help="fine-tuning jobs that train at once", minimum=1)
+    # MCP servers the Responses API's server-side tool loop may call (ember.responses.mcp).
+    mcp_servers: dict[str, str] = setting(
+        factory=dict,
+        help="LABEL=stdio:COMMAND ARGS or LABEL=http(s)://URL: an MCP server that /v1/responses offers as "
+        '{"type": "mcp", "server_label": LABEL} tools, run by the server itself (repeatable); needs --store',
+        flag="--mcp",
+        parse=parse_mcp,
+    )
+    mcp_timeout: float = setting(
+        30.0,
+        help="seconds one MCP tool call may take (waiting for its server to start included); past it the "
+        "model reads an error and the server's session is restarted",
+        minimum=0.1,
+    )
+    mcp_max_output: int | str = setting(
+        "64KiB",
+        help="the most of one MCP tool result the model reads (bytes of text, e.g. 64KiB); the rest is cut, "
+        "and the cut is said in the result",
+        show=format_bytes,
+    )
     allowed_origins: list[str] = setting(
         factory=list,
         help="CORS: a browser origin allowed to call the API (repeatable or comma-separated; * for any); "
@@ -219,6 +297,10 @@ class ServerConfig:
             self.max_upload_bytes = parse_bytes(self.max_upload_bytes)
         except ValueError as exc:
             raise ConfigError("max_upload_bytes", str(exc)) from None
+        try:
+            self.mcp_max_output = parse_bytes(self.mcp_max_output)
+        except ValueError as exc:
+            raise ConfigError("mcp_max_output", str(exc)) from None
         if self.database_url is not None and not self.database_url.startswith(
             ("sqlite://", "postgresql://", "postgresql+")
         ):
@@ -230,6 +312,16 @@ class ServerConfig:
             raise ConfigError("fine_tuning", "needs the store (--store): jobs and their files live in it")
         if self.store_traces and not self.store:
             raise ConfigError("store_traces", "needs the store (--store): traces are kept in its database")
+        try:
+            self._mcp = [McpServer.parse(label, target) for label, target in self.mcp_servers.items()]
+        except ValueError as exc:
+            raise ConfigError("mcp_servers", str(exc)) from None
+        if self.mcp_servers and not self.store:
+            raise ConfigError(
+                "mcp_servers", "needs the store (--store): /v1/responses, which calls them, lives in it"
+            )
+        if self.mcp_max_output < 256:
+            raise ConfigError("mcp_max_output", f"must be at least 256 bytes (got {self.mcp_max_output})")
         try:
             from ember.traces.query import Retention
             from ember.traces.redact import Redactor
@@ -273,6 +365,11 @@ class ServerConfig:
                 if key in seen:
                     raise ValueError(f"--cache-namespace: key '{key}' is in both {seen[key]} and {name}")
                 seen[key] = name
+
+    @property
+    def mcp(self) -> list[McpServer]:
+        """The MCP servers of --mcp, parsed."""
+        return list(self._mcp)
 
     @property
     def keys(self) -> Keys:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ember.errors import InvalidRequest
 from ember.protocol import fields
@@ -256,6 +256,7 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    _prompt_tool_mode: str | None = PrivateAttr(default=None)  # see keep_prompt_tools
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     # ember's (the Responses API's name): with parallel calls on, up to this many calls of any tools in one
@@ -322,6 +323,17 @@ class ChatCompletionRequest(_Sampling):
         if isinstance(self.tool_choice, NamedToolChoice):
             return self.tool_choice.function.name
         return self.tool_choice or "auto"
+
+    def keep_prompt_tools(self, mode: str) -> None:
+        """Render the prompt as under tool mode `mode` (the tools and their note shown) whatever this
+        request's own tool_choice: the server's tool loop (ember.responses.run) does so for a turn that may
+        call no more tools, so that its prompt extends the earlier turns' and the prefix cache serves all
+        of it. Not a request field: no client sets it."""
+        self._prompt_tool_mode = mode
+
+    def prompt_tool_mode(self) -> str | None:
+        """The tool mode the prompt is rendered with: tool_mode(), unless keep_prompt_tools said another."""
+        return self._prompt_tool_mode if self.tools and self._prompt_tool_mode else self.tool_mode()
 
     def _max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -58,7 +58,7 @@ def call_id() -> str:
 
 def render(body: ChatCompletionRequest, template: str | None) -> tuple[list[dict], list[dict] | None]:
     """The messages (and tools, where the template takes them) to render the chat template with."""
-    mode = body.tool_mode()
+    mode = body.prompt_tool_mode()
     native = template is not None and "tools" in template
     if native:
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if mode else None

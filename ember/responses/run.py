@@ -179,8 +179,8 @@ class ResponseRun:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        budget = None if req.max_tool_calls is None else req.max_tool_calls - self.calls
         if self.tools.chat:
-            budget = None if req.max_tool_calls is None else req.max_tool_calls - self.calls
             body["tools"] = self.tools.chat
             body["tool_choice"] = "none" if budget == 0 else self.tools.choice
             body["parallel_tool_calls"] = req.parallel_tool_calls
@@ -191,6 +191,12 @@ class ResponseRun:
         if (left := self._tokens_left()) is not None:
             body["max_completion_tokens"] = left
         chat = ChatCompletionRequest.model_validate(body)
+        if self.tools.chat and budget == 0 and self.tools.choice != "none":
+            # The call budget is spent: no calls, but the prompt the earlier turns had (tools shown), so
+            # that the prefix cache serves this turn's whole conversation; tool_choice none would render
+            # another prompt from its first message on.
+            choice = self.tools.choice
+            chat.keep_prompt_tools(choice if isinstance(choice, str) else choice["function"]["name"])
         chat.check_supported(True)
         return await self.backend.chat(chat, self.target, self.context)
 

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from ember.errors import InvalidRequest
 from ember.protocol.responses import ResponseRequest, input_items
 from ember.responses import items as it
+from ember.responses.mcp import McpHub
 from ember.responses.run import LoopLimits, ResponseRun
 from ember.responses.tools import McpUnavailable, resolve_tools
 from ember.server.backend import RequestContext
@@ -102,7 +103,12 @@ class Responses:
 
 
 def install(app, ctx: PlatformContext) -> None:
-    feature = Responses(ctx)
+    hub = ctx.state.mcp
+    if isinstance(hub, McpHub):  # its sessions open and close with the app; its timeout bounds each call
+        ctx.services.append(hub)
+        feature = Responses(ctx, LoopLimits(tool_timeout_s=hub.timeout_s))
+    else:
+        feature = Responses(ctx)
     app.state.responses = feature
     ctx.endpoints["/v1/responses"] = feature.endpoint
     state, store = ctx.state, ctx.platform.store

@@ -184,6 +184,11 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
             from ember.gateway.usage import PriceTable
 
             state.prices = PriceTable.load(options.prices)
+    if options.mcp:
+        from ember.responses.mcp import McpHub
+
+        state.mcp = McpHub(options.mcp, options.mcp_timeout, options.mcp_max_output)
+        log.info("MCP servers: %s", ", ".join(s.label for s in options.mcp))
     if options.fine_tuning:
         from ember.server.tuning_api import Tuning
 
