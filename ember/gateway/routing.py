@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import httpx
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter
 
 from ember.config.server import ServerConfig
 from ember.engine.async_engine import EngineDeadError, EngineNotReadyError, EngineOverloadedError
@@ -93,8 +94,10 @@ class Gateway:
         providers: dict[str, Provider],
         fallbacks: dict[str, list[str]],
         retries: int = 2,
+        calls: Counter | None = None,
     ):
         self.local = local
+        self.calls = calls  # ember:provider_calls, by provider and outcome
         self.providers = providers
         self.fallbacks = {m: tuple(t) for m, t in fallbacks.items()}
         self.retries = retries
@@ -108,7 +111,9 @@ class Gateway:
                     )
 
     @classmethod
-    def from_config(cls, local: EngineBackend, options: ServerConfig) -> Gateway:
+    def from_config(
+        cls, local: EngineBackend, options: ServerConfig, calls: Counter | None = None
+    ) -> Gateway:
         providers = {
             name: Provider(
                 spec,
@@ -117,7 +122,16 @@ class Gateway:
             )
             for name, spec in options.provider_specs.items()
         }
-        return cls(local, providers, options.fallbacks, options.provider_retries)
+        return cls(local, providers, options.fallbacks, options.provider_retries, calls)
+
+    def _count(self, provider: Provider, outcome: str) -> None:
+        if self.calls is not None:
+            self.calls.labels(provider.name, outcome).inc()
+
+    async def aclose(self) -> None:
+        """Close the providers' connection pools (when the server stops)."""
+        for provider in self.providers.values():
+            await provider.aclose()
 
     # -- names --------------------------------------------------------------------------------------
 
@@ -191,6 +205,7 @@ class Gateway:
             provider = self.providers[target.provider]
             if not provider.breaker.allow():
                 cooling.append(provider.breaker.retry_in())
+                self._count(provider, "cooling")
                 continue
             try:
                 payload = upstream_body(body, target.model, provider.name, provider.ember)
@@ -222,6 +237,7 @@ class Gateway:
             try:
                 answer = await provider.call(path, payload)
             except UpstreamError as exc:
+                self._count(provider, "error")
                 if exc.status != 429 and exc.status < 500:
                     breaker.success()  # it answered: it is up, and the request is at fault
                     raise
@@ -231,6 +247,7 @@ class Gateway:
                     wait = _seconds(exc.retry_after, wait)
                 log.warning("provider '%s' answered %d (attempt %d)", provider.name, exc.status, attempt + 1)
             except httpx.TransportError as exc:
+                self._count(provider, "unreachable")
                 breaker.failure()
                 last = Unreachable(provider.name, exc)
                 log.warning("%s (attempt %d)", last, attempt + 1)
@@ -238,6 +255,7 @@ class Gateway:
                 breaker.abandon()  # cancelled (the client left): no verdict on the upstream
                 raise
             else:
+                self._count(provider, "ok")
                 breaker.success()
                 return answer
             if attempt == self.retries or wait > MAX_RETRY_AFTER_S or not breaker.allow():

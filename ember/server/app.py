@@ -213,8 +213,9 @@ def create_app(
     app.state.ember = state
     backend = EngineBackend(engine, model_name, state.adapter_owners)
     # Where a request's model runs: the engine or a --provider, then its --fallback targets.
-    gateway = Gateway.from_config(backend, options)
+    gateway = Gateway.from_config(backend, options, engine.metrics.provider_calls)
     app.state.gateway = gateway
+    app.router.on_shutdown.append(gateway.aclose)
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests, router=app.router)
     app.add_middleware(AnswerErrors, respond=_unexpected)

@@ -192,6 +192,11 @@ def test_5xx_retries_then_falls_back_then_cools_down(gateway, failing):
     for _ in range(3):
         assert ask(client, "bad/e500") == "from local ok"
     assert hits["e500"] == 3  # cooling down: not called again
+    metrics = httpx.get(url + "/metrics").text
+    assert (
+        'ember:provider_calls_total{model_name="local-model",outcome="error",provider="bad"} 3.0' in metrics
+    )
+    assert 'outcome="cooling",provider="bad"} 3.0' in metrics
 
 
 def test_context_length_moves_on_at_once(gateway, failing):
