@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MODELS_TTL_S = 60.0  # how long a provider's /v1/models listing is reused
 MODELS_TIMEOUT_S = 5.0  # /v1/models on ember lists what it can; a slow provider is left out, not waited on
+MODELS_RETRY_S = 5.0  # after a failed listing, the next try
 CONNECT_TIMEOUT_S = 5.0
 POOL_CONNECTIONS = 256
 
@@ -86,7 +87,7 @@ class Provider:
                 )
             if not body.get("stream"):
                 await response.aread()
-                return response.json()
+                return _json_of(self.name, response)
             chunks = response.aiter_raw()
             first = await anext(chunks, b"")
         except BaseException:
@@ -105,6 +106,7 @@ class Provider:
             listed = response.json().get("data", [])
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             log.warning("provider '%s': cannot list its models (%s)", self.name, type(exc).__name__)
+            self._models_at = time.monotonic() - MODELS_TTL_S + MODELS_RETRY_S  # not asked on every call
             return self._models
         self._models = [
             {**card, "id": f"{self.name}/{card['id']}", "owned_by": card.get("owned_by", self.name)}
@@ -116,6 +118,22 @@ class Provider:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+def _json_of(name: str, response: httpx.Response) -> dict:
+    """A 200 answer's body; one that is not a JSON object is the upstream's failure (a 502, retried)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        message = f"provider '{name}' answered 200 with a body that is not a JSON object"
+        raise UpstreamError(
+            name,
+            502,
+            {"error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}},
+        )
+    return body
 
 
 def _error_of(response: httpx.Response) -> dict:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ember.config import ServerConfig
 from ember.engine.async_engine import EngineOverloadedError
@@ -47,7 +47,7 @@ class Recorder:
 
 def scripted() -> tuple[FastAPI, dict]:
     """An upstream whose answer is its model's name: 'e500' a 500, 'long' a context-length 400, 'busy'
-    a 429; hits counts the calls per model."""
+    a 429, 'junk' a 200 that is not JSON; hits counts the calls per model."""
     app = FastAPI()
     hits: dict[str, int] = {}
 
@@ -62,6 +62,8 @@ def scripted() -> tuple[FastAPI, dict]:
                 "code": "context_length_exceeded",
             }
             return JSONResponse({"error": error}, status_code=400)
+        if model == "junk":
+            return PlainTextResponse("<html>a proxy's page</html>")
         status = {"e500": 500, "busy": 429}[model]
         return JSONResponse({"error": {"message": model, "type": "server_error"}}, status_code=status)
 
@@ -93,11 +95,20 @@ def gateway(upstream, failing):
     options = ServerConfig(
         port=0,
         embedding_model=None,
-        providers=[f"up={url}", f"em={url},kind=ember", f"bad={bad}", f"long={bad}", f"busy={bad}"],
+        providers=[
+            f"up={url}",
+            f"em={url},kind=ember",
+            f"bad={bad}",
+            f"long={bad}",
+            f"busy={bad}",
+            f"junk={bad}",
+            "gone=http://127.0.0.1:9/v1",
+        ],
         fallbacks={
             "bad/e500": [LOCAL],
             "long/long": [LOCAL],
             "busy/busy": [LOCAL],
+            "junk/junk": [LOCAL],
             LOCAL: [f"up/{MODEL}"],
         },
         provider_retries=2,
@@ -211,6 +222,20 @@ def test_429_is_retried_then_falls_back(gateway, failing):
     _, hits = failing
     assert ask(sdk(url), "busy/busy") == "from local ok"
     assert hits["busy"] == 3
+
+
+def test_a_200_that_is_not_json_is_a_failure(gateway, failing):
+    url, _, _ = gateway
+    _, hits = failing
+    assert ask(sdk(url), "junk/junk") == "from local ok"
+    assert hits["junk"] == 3
+
+
+def test_an_unreachable_provider_without_fallback_is_a_502(gateway):
+    url, _, _ = gateway
+    with pytest.raises(openai.APIStatusError) as failed:
+        ask(sdk(url), "gone/x")
+    assert failed.value.status_code == 502 and "'gone' cannot be reached" in failed.value.body["message"]
 
 
 def test_local_falls_back_to_a_provider(gateway):
