@@ -33,7 +33,7 @@ import httpx
 from ember.models.catalog import DEFAULT_MODEL
 
 TOPICS = ["rivers", "mountains", "the moon", "bread", "trains", "owls", "glass", "winter", "maps", "bees"]
-RESULTS = Path(__file__).parent / "results"  # gateway-overhead-{model,fake}.json
+RESULTS = Path(__file__).parent / "results"  # gateway-overhead-{model,fake}-c{concurrency}.json
 
 
 def free_port() -> int:
@@ -67,11 +67,12 @@ def start(extra: list[str], fake: bool = False) -> tuple[subprocess.Popen, str]:
     raise TimeoutError(f"{url} was not ready in 300 s")
 
 
-async def one(http: httpx.AsyncClient, model: str, i: int, args) -> float:
-    """Seconds for one completion, to its last byte."""
+async def one(http: httpx.AsyncClient, model: str, i: int, tag: str, args) -> float:
+    """Seconds for one completion, to its last byte. `tag` opens the prompt: no side reuses the other's
+    prefix-cache entries."""
     body = {
         "model": model,
-        "prompt": f"Write about {TOPICS[i % len(TOPICS)]}, part {i}:",
+        "prompt": f"[{tag}] Write about {TOPICS[i % len(TOPICS)]}, part {i}:",
         "max_tokens": args.max_tokens,
         "temperature": 0,
         "ignore_eos": True,  # every answer the same length, through the gateway too (kind=ember)
@@ -86,16 +87,17 @@ async def one(http: httpx.AsyncClient, model: str, i: int, args) -> float:
     return time.perf_counter() - started
 
 
-async def round_of(url: str, model: str, args) -> dict:
+async def round_of(url: str, model: str, tag: str, args) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        await asyncio.gather(*(one(http, model, i, args) for i in range(args.concurrency)))  # warm
+        warm = (one(http, model, -1 - i, tag, args) for i in range(args.concurrency))
+        await asyncio.gather(*warm)
         queue = iter(range(args.requests))
         latencies: list[float] = []
 
         async def worker() -> None:
             for i in queue:
-                latencies.append(await one(http, model, i, args))
+                latencies.append(await one(http, model, i, tag, args))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
@@ -131,8 +133,8 @@ def main() -> None:
         gateway, gw_url = start(["--provider", f"up={up_url}/v1,kind=ember"])
         rounds = []
         for r in range(args.rounds):
-            a = asyncio.run(round_of(up_url, model, args))
-            b = asyncio.run(round_of(gw_url, f"up/{model}", args))
+            a = asyncio.run(round_of(up_url, model, f"direct {r}", args))
+            b = asyncio.run(round_of(gw_url, f"up/{model}", f"gateway {r}", args))
             rounds.append({"direct": a, "gateway": b})
             print(
                 f"round {r + 1}: direct {a['rps']:.2f} req/s p50 {a['p50'] * 1000:.1f} ms | gateway "
@@ -164,7 +166,8 @@ def main() -> None:
         ],
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=1))
-    out = RESULTS / f"gateway-overhead-{args.upstream}{'-stream' if args.stream else ''}.json"
+    stream = "-stream" if args.stream else ""
+    out = RESULTS / f"gateway-overhead-{args.upstream}-c{args.concurrency}{stream}.json"
     out.write_text(json.dumps(summary, indent=1) + "\n")
 
 
