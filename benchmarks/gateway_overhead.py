@@ -9,7 +9,9 @@ the tests' fake engine (`fake`: tests/gateway/upstream.py, answers at once), so 
 cost per request shows as plainly as it can. The gateway is started as a user would (`ember serve --provider up=URL,kind=ember`); it
 loads a model of its own too, which stays idle. Each round sends `--requests` completions at
 `--concurrency`, to the upstream (A) and then through the gateway (B). Prints requests/s and latency
-percentiles per round and pooled: the throughput ratio B/A and the p50 latency B adds. Raw numbers go to
+percentiles per round and pooled: the throughput ratio B/A and the p50 latency B adds; and the CPU time
+each server's processes spent per request, which a machine shared with other work does not distort as
+it does wall-clock rates. Raw numbers go to
 benchmarks/results/gateway-overhead-*.json.
 """
 
@@ -87,7 +89,26 @@ async def one(http: httpx.AsyncClient, model: str, i: int, tag: str, args) -> fl
     return time.perf_counter() - started
 
 
-async def round_of(url: str, model: str, tag: str, args) -> dict:
+def cpu_seconds(root: int) -> float:
+    """CPU time (user + system) the process `root` and its descendants (the engine core) have used."""
+    parent, used = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, grew = {root}, True
+    while grew:
+        more = {p for p, pp in parent.items() if pp in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(used.get(p, 0.0) for p in tree)
+
+
+async def round_of(url: str, model: str, tag: str, args, pids: dict[str, int]) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         warm = (one(http, model, -1 - i, tag, args) for i in range(args.concurrency))
@@ -99,10 +120,17 @@ async def round_of(url: str, model: str, tag: str, args) -> dict:
             for i in queue:
                 latencies.append(await one(http, model, i, tag, args))
 
+        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         elapsed = time.perf_counter() - started
-    return {"rps": args.requests / elapsed, "p50": statistics.median(latencies), "latencies": latencies}
+        cpu_ms = {n: (cpu_seconds(pid) - cpu[n]) * 1000 / args.requests for n, pid in pids.items()}
+    return {
+        "rps": args.requests / elapsed,
+        "p50": statistics.median(latencies),
+        "cpu_ms_per_request": cpu_ms,  # by process tree: upstream, gateway
+        "latencies": latencies,
+    }
 
 
 def pct(values: list[float], q: float) -> float:
@@ -133,12 +161,16 @@ def main() -> None:
         gateway, gw_url = start(["--provider", f"up={up_url}/v1,kind=ember"])
         rounds = []
         for r in range(args.rounds):
-            a = asyncio.run(round_of(up_url, model, f"direct {r}", args))
-            b = asyncio.run(round_of(gw_url, f"up/{model}", f"gateway {r}", args))
+            pids = {"upstream": upstream.pid, "gateway": gateway.pid}
+            a = asyncio.run(round_of(up_url, model, f"direct {r}", args, pids))
+            b = asyncio.run(round_of(gw_url, f"up/{model}", f"gateway {r}", args, pids))
             rounds.append({"direct": a, "gateway": b})
             print(
                 f"round {r + 1}: direct {a['rps']:.2f} req/s p50 {a['p50'] * 1000:.1f} ms | gateway "
-                f"{b['rps']:.2f} req/s p50 {b['p50'] * 1000:.1f} ms | ratio {b['rps'] / a['rps']:.3f}"
+                f"{b['rps']:.2f} req/s p50 {b['p50'] * 1000:.1f} ms | ratio {b['rps'] / a['rps']:.3f} | "
+                f"CPU ms/request: upstream {a['cpu_ms_per_request']['upstream']:.1f} direct, "
+                f"{b['cpu_ms_per_request']['upstream']:.1f} via the gateway; gateway "
+                f"{b['cpu_ms_per_request']['gateway']:.2f}"
             )
     finally:
         for proc in (gateway, upstream):
@@ -149,6 +181,10 @@ def main() -> None:
     through = [x for r in rounds for x in r["gateway"]["latencies"]]
     ratio = sum(r["gateway"]["rps"] for r in rounds) / sum(r["direct"]["rps"] for r in rounds)
     added = (statistics.median(through) - statistics.median(direct)) * 1000
+    # What the gateway costs in CPU, next to what the upstream costs: on a machine whose CPUs are the
+    # bottleneck, the throughput it leaves is upstream / (upstream + gateway), whatever else is running.
+    upstream_cpu = statistics.median(r["direct"]["cpu_ms_per_request"]["upstream"] for r in rounds)
+    gateway_cpu = statistics.median(r["gateway"]["cpu_ms_per_request"]["gateway"] for r in rounds)
     summary = {
         "cpu": cpu_name(),
         "load_before": load_before,
@@ -157,6 +193,9 @@ def main() -> None:
         "args": vars(args),
         "throughput_ratio": ratio,
         "p50_added_ms": added,
+        "upstream_cpu_ms_per_request": upstream_cpu,
+        "gateway_cpu_ms_per_request": gateway_cpu,
+        "cpu_bound_throughput_ratio": upstream_cpu / (upstream_cpu + gateway_cpu),
         "direct_p50_ms": statistics.median(direct) * 1000,
         "gateway_p50_ms": statistics.median(through) * 1000,
         "direct_p90_ms": pct(direct, 0.9) * 1000,
