@@ -29,7 +29,7 @@ from ember.errors import InvalidRequest
 from ember.gateway.breaker import Breaker
 from ember.gateway.fields import upstream_body
 from ember.gateway.providers import Provider, RawStream, UpstreamError
-from ember.protocol.requests import ChatCompletionRequest, CompletionRequest
+from ember.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server.backend import EngineBackend, RequestContext, Stream
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,20 @@ class Gateway:
         self, body: CompletionRequest, route: Route, ctx: RequestContext
     ) -> dict | Stream | RawStream:
         return await self._run(body, route, ctx, "/completions", self.local.complete)
+
+    async def embed(self, body: EmbeddingRequest) -> dict | None:
+        """A provider's embeddings for `body` (NAME/model), or None if it names no provider. No fallbacks:
+        another model's vectors would not be comparable with the ones the caller has."""
+        prefix, slash, model = body.model.partition("/")
+        provider = self.providers.get(prefix) if slash and model else None
+        if provider is None:
+            return None
+        if not provider.breaker.allow():
+            self._count(provider, "cooling")
+            raise Cooling(body.model, provider.breaker.retry_in())
+        payload = body.model_dump(mode="json", exclude_unset=True, exclude_none=True)
+        payload = {k: v for k, v in payload.items() if k in type(body).model_fields} | {"model": model}
+        return await self._call(provider, "/embeddings", payload)
 
     async def _run(
         self, body, route: Route, ctx: RequestContext, path: str, local

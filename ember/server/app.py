@@ -376,6 +376,8 @@ def create_app(
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if embeddings is None or body.model != embeddings.name:
+            if (answer := await gateway.embed(body)) is not None:  # a provider's NAME/model
+                return answer
             known = embeddings.name if embeddings is not None else "none (start with --embedding-model)"
             raise _Refuse(
                 404, f"embedding model '{body.model}' does not exist; available: {known}", "model_not_found"

@@ -67,6 +67,14 @@ def scripted() -> tuple[FastAPI, dict]:
         status = {"e500": 500, "busy": 429}[model]
         return JSONResponse({"error": {"message": model, "type": "server_error"}}, status_code=status)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await request.json()
+        hits["embeddings"] = body
+        vector = {"object": "embedding", "index": 0, "embedding": [0.5, 0.25]}
+        usage = {"prompt_tokens": 1, "total_tokens": 1}
+        return {"object": "list", "data": [vector], "model": body["model"], "usage": usage}
+
     return app, hits
 
 
@@ -102,6 +110,7 @@ def gateway(upstream, failing):
             f"long={bad}",
             f"busy={bad}",
             f"junk={bad}",
+            f"vec={bad}",
             "gone=http://127.0.0.1:9/v1",
         ],
         fallbacks={
@@ -236,6 +245,14 @@ def test_an_unreachable_provider_without_fallback_is_a_502(gateway):
     with pytest.raises(openai.APIStatusError) as failed:
         ask(sdk(url), "gone/x")
     assert failed.value.status_code == 502 and "'gone' cannot be reached" in failed.value.body["message"]
+
+
+def test_embeddings_through_a_provider(gateway, failing):
+    url, _, _ = gateway
+    _, hits = failing
+    done = sdk(url).embeddings.create(model="vec/v", input="hi", encoding_format="float")
+    assert done.data[0].embedding == [0.5, 0.25]
+    assert hits["embeddings"] == {"model": "v", "input": "hi", "encoding_format": "float"}
 
 
 def test_local_falls_back_to_a_provider(gateway):
