@@ -26,7 +26,7 @@ from prometheus_client import Counter
 from ember.config.server import ServerConfig
 from ember.engine.async_engine import EngineDeadError, EngineNotReadyError, EngineOverloadedError
 from ember.errors import InvalidRequest
-from ember.gateway.breaker import Breaker
+from ember.gateway.breaker import CLOSED, Breaker
 from ember.gateway.fields import upstream_body
 from ember.gateway.providers import Provider, RawStream, UpstreamError
 from ember.protocol.requests import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -217,17 +217,16 @@ class Gateway:
                     failure = exc
                 continue
             provider = self.providers[target.provider]
+            try:
+                payload = upstream_body(body, target.model, provider.name, provider.ember)
+            except InvalidRequest:
+                if i == 0:
+                    raise
+                continue  # this fallback cannot take the request as asked
             if not provider.breaker.allow():
                 cooling.append(provider.breaker.retry_in())
                 self._count(provider, "cooling")
                 continue
-            try:
-                payload = upstream_body(body, target.model, provider.name, provider.ember)
-            except InvalidRequest:
-                provider.breaker.abandon()
-                if i == 0:
-                    raise
-                continue  # this fallback cannot take the request as asked
             try:
                 return await self._call(provider, path, payload)
             except UpstreamError as exc:
@@ -236,17 +235,20 @@ class Gateway:
                 failure = exc
             except Unreachable as exc:
                 failure = exc
-        if failure is None and cooling:
+        if failure is None:  # nothing was tried: the primary (a provider) and the rest are cooling down
             raise Cooling(route.model, min(cooling))
-        if failure is None:
-            raise EngineNotReadyError(f"model '{route.model}' has no target that can take this request now")
         raise failure
 
     async def _call(self, provider: Provider, path: str, payload: dict) -> dict | RawStream:
         """`provider`'s answer, with retries; UpstreamError or Unreachable once they are spent (or for an
         error no retry cures: a client's, which is passed on; a context-length one, which moves on)."""
         breaker = provider.breaker
+        wait = 0.0
         for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(wait)
+                if breaker.state != CLOSED:  # it cooled down meanwhile (a probe gets one try)
+                    break
             wait = BACKOFF_S * 2**attempt * (0.5 + random.random())
             try:
                 answer = await provider.call(path, payload)
@@ -272,9 +274,8 @@ class Gateway:
                 self._count(provider, "ok")
                 breaker.success()
                 return answer
-            if attempt == self.retries or wait > MAX_RETRY_AFTER_S or not breaker.allow():
+            if wait > MAX_RETRY_AFTER_S or breaker.state != CLOSED:
                 break
-            await asyncio.sleep(wait)
         raise last
 
 
