@@ -42,12 +42,50 @@ class UpstreamError(Exception):
 
 
 class RawStream:
-    """A streamed answer as the upstream framed it (server-sent events, bytes); `close()` ends the upstream
-    response (called once the client's response is over, however it ended)."""
+    """A streamed answer as the upstream framed it (server-sent events, bytes), passed on untouched; the
+    `usage` of its usage chunk once that has passed (what meters it: the upstream sends one if asked with
+    stream_options.include_usage). `close()` ends the upstream response (called once the client's
+    response is over, however it ended)."""
 
-    def __init__(self, body: AsyncIterator[bytes], close):
-        self.body = body
+    def __init__(self, provider: str, first: bytes, chunks: AsyncIterator[bytes], close):
+        self.provider = provider
         self.close = close
+        self.usage: dict | None = None
+        self._scan = b""  # the tail of an event not complete yet, for `usage`
+        self.body = self._passthrough(first, chunks)
+
+    async def _passthrough(self, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """The upstream's bytes as they come; if it breaks off, an error event (the client has had bytes
+        already, so the answer cannot go elsewhere now)."""
+        if first:
+            self._note(first)
+            yield first
+        try:
+            async for chunk in chunks:
+                self._note(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("provider '%s': stream broke off (%s)", self.provider, type(exc).__name__)
+            message = f"provider '{self.provider}' broke off the stream ({type(exc).__name__})"
+            error = {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
+            yield b"\n\ndata: " + json.dumps({"error": error}).encode() + b"\n\n"
+
+    def _note(self, chunk: bytes) -> None:
+        """Read the usage of the events `chunk` completes, where one carries it (bytes sent are untouched)."""
+        self._scan += chunk.replace(b"\r\n", b"\n")
+        *events, self._scan = self._scan.split(b"\n\n")
+        for event in events:
+            if b'"usage"' not in event:
+                continue
+            for line in event.split(b"\n"):
+                if not line.startswith(b"data:"):
+                    continue
+                try:
+                    data = json.loads(line[5:])
+                except ValueError:
+                    continue
+                if isinstance(data, dict) and isinstance(data.get("usage"), dict):
+                    self.usage = data["usage"]
 
 
 class Provider:
@@ -93,7 +131,7 @@ class Provider:
         except BaseException:
             await response.aclose()
             raise
-        return RawStream(_passthrough(self.name, first, chunks), response.aclose)
+        return RawStream(self.name, first, chunks, response.aclose)
 
     async def model_cards(self) -> list[dict]:
         """The provider's models as NAME/model, from its /v1/models (reused for MODELS_TTL_S); none while
@@ -153,20 +191,3 @@ def _error_of(response: httpx.Response) -> dict:
             "code": None,
         }
     }
-
-
-async def _passthrough(name: str, first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The upstream's bytes as they come; if it breaks off, an error event (the client has had bytes
-    already, so the answer cannot go elsewhere now)."""
-    if first:
-        yield first
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except httpx.HTTPError as exc:
-        log.warning("provider '%s': stream broke off (%s)", name, type(exc).__name__)
-        message = f"provider '{name}' broke off the stream ({type(exc).__name__})"
-        error = {
-            "error": {"message": message, "type": "server_error", "param": None, "code": "upstream_error"}
-        }
-        yield b"\n\ndata: " + json.dumps(error).encode() + b"\n\n"

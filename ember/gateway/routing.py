@@ -1,6 +1,6 @@
 """Where a request's model runs: ember's engine or a provider, and where it goes next when that fails.
 
-`Gateway.resolve` is the one place a request's `model` becomes a `Route` (the target it names, then its
+`Routing.resolve` is the one place a request's `model` becomes a `Route` (the target it names, then its
 --fallback targets in order); `chat` and `complete` run a route. A provider call that fails for a reason
 another attempt may not meet (5xx, 429, no connection, a timeout) is retried with exponential back-off,
 then the next target is tried; a context-length error goes to the next target at once (the same prompt
@@ -85,7 +85,7 @@ class Route:
         return self.primary.adapter
 
 
-class Gateway:
+class Routing:
     """ember's engine (`local`) and the --provider upstreams behind one resolve/chat/complete."""
 
     def __init__(
@@ -113,7 +113,7 @@ class Gateway:
     @classmethod
     def from_config(
         cls, local: EngineBackend, options: ServerConfig, calls: Counter | None = None
-    ) -> Gateway:
+    ) -> Routing:
         providers = {
             name: Provider(
                 spec,

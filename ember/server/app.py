@@ -41,7 +41,7 @@ from ember.engine.client import EngineState
 from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
 from ember.gateway.providers import RawStream
-from ember.gateway.routing import GATEWAY_ERRORS, Gateway, Route, error_answer
+from ember.gateway.routing import GATEWAY_ERRORS, Route, Routing, error_answer
 from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server import middleware
@@ -213,9 +213,9 @@ def create_app(
     app.state.ember = state
     backend = EngineBackend(engine, model_name, state.adapter_owners)
     # Where a request's model runs: the engine or a --provider, then its --fallback targets.
-    gateway = Gateway.from_config(backend, options, engine.metrics.provider_calls)
-    app.state.gateway = gateway
-    app.router.on_shutdown.append(gateway.aclose)
+    routing = Routing.from_config(backend, options, engine.metrics.provider_calls)
+    app.state.routing = routing
+    app.router.on_shutdown.append(routing.aclose)
     embeddings = EmbeddingBackend(state.embedder) if state.embedder is not None else None
     app.add_middleware(_Gate, state=state, counter=engine.metrics.http_requests, router=app.router)
     app.add_middleware(AnswerErrors, respond=_unexpected)
@@ -280,7 +280,7 @@ def create_app(
         cards = backend.model_cards(_tenant(request))
         if embeddings is not None:
             cards[1:1] = embeddings.model_cards(backend.created)
-        return {"object": "list", "data": cards + await gateway.provider_cards()}
+        return {"object": "list", "data": cards + await routing.provider_cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict:
@@ -337,12 +337,12 @@ def create_app(
         another key's private adapters included."""
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
-        route = gateway.resolve(name, tenant)
+        route = routing.resolve(name, tenant)
         if route is not None:
             return route
         if embeddings is not None and name == embeddings.name:
             raise InvalidRequest(f"'{name}' is an embedding model; use /v1/embeddings", param="model")
-        known = ", ".join(gateway.known(tenant))
+        known = ", ".join(routing.known(tenant))
         raise _Refuse(404, f"model '{name}' does not exist; available: {known}", "model_not_found")
 
     def _context(request: Request) -> RequestContext:
@@ -358,14 +358,14 @@ def create_app(
         route = _admit(body.model, request)
         recorded = state.recorder if route.local else None  # a provider's answers are not traced (yet)
         trace = recorded and await recorded.begin(body, request, route.adapter, _tenant(request))
-        answer = await gateway.chat(body, route, _context(request))
+        answer = await routing.chat(body, route, _context(request))
         return _reply(trace.finish(answer) if trace else answer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check_supported(state.allow_unknown_fields)
         route = _admit(body.model, request)
-        return _reply(await gateway.complete(body, route, _context(request)))
+        return _reply(await routing.complete(body, route, _context(request)))
 
     @app.post("/v1/embeddings")
     async def embed(body: EmbeddingRequest):
@@ -376,7 +376,7 @@ def create_app(
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if embeddings is None or body.model != embeddings.name:
-            if (answer := await gateway.embed(body)) is not None:  # a provider's NAME/model
+            if (answer := await routing.embed(body)) is not None:  # a provider's NAME/model
                 return answer
             known = embeddings.name if embeddings is not None else "none (start with --embedding-model)"
             raise _Refuse(
@@ -392,12 +392,12 @@ def create_app(
     async def chat_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = _unstreamed(ChatCompletionRequest, body)
         req.check_supported(state.allow_unknown_fields)
-        return await gateway.chat(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
+        return await routing.chat(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
 
     async def completions_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = _unstreamed(CompletionRequest, body)
         req.check_supported(state.allow_unknown_fields)
-        return await gateway.complete(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
+        return await routing.complete(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
 
     async def embeddings_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = EmbeddingRequest.model_validate(body)
@@ -610,11 +610,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return _error(503, str(exc), code="engine_dead", kind="server_error")
 
-    async def _gateway(_: Request, exc: Exception) -> JSONResponse:
+    async def _upstream_failed(_: Request, exc: Exception) -> JSONResponse:
         return error_answer(exc)
 
     for kind in GATEWAY_ERRORS:
-        app.add_exception_handler(kind, _gateway)
+        app.add_exception_handler(kind, _upstream_failed)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

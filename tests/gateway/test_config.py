@@ -3,7 +3,7 @@ import pytest
 from ember.config import ServerConfig
 from ember.config.schema import ConfigError
 from ember.config.server import ProviderSpec, parse_fallbacks
-from ember.gateway.routing import Gateway
+from ember.gateway.routing import Routing
 from ember.server.backend import EngineBackend
 from tests.gateway.upstream import NamedEngine
 
@@ -51,12 +51,12 @@ def test_fallbacks():
 def test_fallback_to_an_unknown_provider_is_refused_at_start():
     options = ServerConfig(embedding_model=None, providers=["up=http://h"], fallbacks={"m": ["upp/x"]})
     with pytest.raises(ValueError, match="--fallback m: 'upp/x' names no --provider 'upp'"):
-        Gateway.from_config(EngineBackend(NamedEngine("x"), "m"), options)
+        Routing.from_config(EngineBackend(NamedEngine("x"), "m"), options)
 
 
 def test_the_key_comes_from_the_environment_and_never_shows(monkeypatch):
     monkeypatch.setenv("EMBER_PROVIDER_UP_KEY", "sk-secret")
     options = ServerConfig(embedding_model=None, providers=["up=http://h/v1"])
-    gateway = Gateway.from_config(EngineBackend(NamedEngine("x"), "m"), options)
-    assert gateway.providers["up"].client.headers["authorization"] == "Bearer sk-secret"
+    routing = Routing.from_config(EngineBackend(NamedEngine("x"), "m"), options)
+    assert routing.providers["up"].client.headers["authorization"] == "Bearer sk-secret"
     assert "sk-secret" not in repr(options)

@@ -50,7 +50,7 @@ def kill(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def gateway():
-    """(url of the gateway, its Gateway, the upstream's port): provider 'a' on a port of its own, falling
+    """(url of the gateway, its Routing, the upstream's port): provider 'a' on a port of its own, falling
     back to the local model."""
     port = free_port()
     options = ServerConfig(
@@ -65,7 +65,7 @@ def gateway():
     )
     app = create_app(NamedEngine("local"), LOCAL, ServerState(), options)
     with serving(app, options) as (host, gport):
-        yield f"http://{host}:{gport}", app.state.gateway, port
+        yield f"http://{host}:{gport}", app.state.routing, port
 
 
 class Driver:

@@ -4,6 +4,7 @@ refused for a non-ember upstream, retries, fallbacks and the cool-down."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from ember.config import ServerConfig
 from ember.engine.async_engine import EngineOverloadedError
+from ember.gateway.providers import RawStream
 from ember.server.app import ServerState, create_app
 from tests.gateway.upstream import MODEL, PIECES, NamedEngine
 from tests.server.fakes import serving
@@ -208,7 +210,7 @@ def test_5xx_retries_then_falls_back_then_cools_down(gateway, failing):
     client = sdk(url)
     assert ask(client, "bad/e500") == "from local ok"  # no client-visible error
     assert hits["e500"] == 3  # the call and its 2 retries
-    assert app.state.gateway.providers["bad"].breaker.state == "open"
+    assert app.state.routing.providers["bad"].breaker.state == "open"
     for _ in range(3):
         assert ask(client, "bad/e500") == "from local ok"
     assert hits["e500"] == 3  # cooling down: not called again
@@ -276,3 +278,22 @@ def test_no_fallback_keeps_the_local_error():
     app = create_app(engine, LOCAL, ServerState(), options)
     with serving(app, options) as (host, port), pytest.raises(openai.RateLimitError):
         ask(sdk(f"http://{host}:{port}"), LOCAL)
+
+
+def test_a_passed_through_stream_keeps_its_usage_for_metering():
+    """The bytes go on as they came, split anywhere; the usage chunk is read on the way."""
+    events = b'data: {"choices":[{"delta":{"content":"hi"}}]}\r\n\r\ndata: {"choices":[],"usage":'
+    events += b'{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\ndata: [DONE]\n\n'
+    pieces = [events[i : i + 7] for i in range(7, len(events), 7)]
+
+    async def upstream():
+        for piece in pieces:
+            yield piece
+
+    async def passed() -> tuple[bytes, RawStream]:
+        stream = RawStream("up", events[:7], upstream(), lambda: None)
+        return b"".join([chunk async for chunk in stream.body]), stream
+
+    got, stream = asyncio.run(passed())
+    assert got == events
+    assert stream.usage == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
