@@ -117,6 +117,13 @@ class EngineMetrics:
         self.http_requests = Counter(
             "ember:http_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
         )
+        self.provider_calls = Counter(
+            "ember:provider_calls",
+            "Calls to --provider upstreams by provider and outcome: ok, error (an error answer), unreachable "
+            "(no answer), cooling (skipped: the provider is cooling down).",
+            ["provider", "outcome"],
+            registry=r,
+        )
         self._seen = {"preemptions": 0, "queries": 0, "hits": 0, "draft": 0, "accepted": 0, "emitted": 0}
 
     def set_stats(

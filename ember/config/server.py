@@ -21,6 +21,8 @@ from ember.paths import ember_adapter_dir, ember_data_dir
 
 API_KEYS_ENV = "EMBER_API_KEYS"
 ADMIN_KEY_ENV = "EMBER_ADMIN_KEY"
+PROVIDER_KINDS = ("openai", "ember")
+PROVIDER_FORM = "NAME=URL[,key_env=VAR][,kind=openai|ember]"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,60 @@ def parse_mcp(specs: list[str]) -> dict[str, str]:
             raise ValueError(f"--mcp: the label '{label}' is given twice")
         McpServer.parse(label, target)
         out[label] = target.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """An OpenAI-compatible upstream (--provider): its models are served as NAME/model. The key is read
+    from the environment variable `key_env` when the server starts, so it is never on a command line or
+    in a spec file; `kind` ember: the upstream is an ember server and takes ember's own request fields."""
+
+    name: str
+    url: str  # the API root, up to and including /v1
+    key_env: str
+    kind: str = "openai"
+
+
+def default_key_env(name: str) -> str:
+    """EMBER_PROVIDER_<NAME>_KEY, the name upper-cased and anything but letters and digits made '_'."""
+    return "EMBER_PROVIDER_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_KEY"
+
+
+def parse_provider(spec: str) -> ProviderSpec:
+    """'up=http://host:8001/v1,key_env=UP_KEY,kind=ember' -> ProviderSpec."""
+    name, sep, rest = spec.partition("=")
+    url, *options = [p.strip() for p in rest.split(",")]
+    name = name.strip()
+    if not sep or not url:
+        raise ValueError(f"--provider takes {PROVIDER_FORM} (got '{spec}')")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError(f"--provider {spec}: NAME must be letters, digits, '_', '.' or '-' (got '{name}')")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--provider {name}: the URL must start with http:// or https:// (got '{url}')")
+    given: dict[str, str] = {}
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key not in ("key_env", "kind") or not eq or not value:
+            raise ValueError(f"--provider {name}: unknown option '{option}'; it takes {PROVIDER_FORM}")
+        given[key] = value
+    kind = given.get("kind", "openai")
+    if kind not in PROVIDER_KINDS:
+        raise ValueError(f"--provider {name}: kind must be openai or ember (got '{kind}')")
+    return ProviderSpec(name, url.rstrip("/"), given.get("key_env", default_key_env(name)), kind)
+
+
+def parse_fallbacks(specs: list[str]) -> dict[str, list[str]]:
+    """['m=up/m2,local', ...] -> {'m': ['up/m2', 'local']}"""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        model, sep, targets = spec.partition("=")
+        listed = [t.strip() for t in targets.split(",") if t.strip()]
+        if not sep or not model.strip() or not listed:
+            raise ValueError(f"--fallback takes MODEL=TARGET1[,TARGET2...] (got '{spec}')")
+        if model.strip() in listed:
+            raise ValueError(f"--fallback {spec}: '{model.strip()}' cannot fall back to itself")
+        out.setdefault(model.strip(), []).extend(listed)
     return out
 
 
@@ -281,6 +337,37 @@ class ServerConfig:
         "and the cut is said in the result",
         show=format_bytes,
     )
+    # The gateway (ember.gateway): other OpenAI-compatible servers' models, and where a model's requests go
+    # when it fails.
+    providers: list[str] = setting(
+        factory=list,
+        help=f"{PROVIDER_FORM}: serve an OpenAI-compatible server's models as NAME/model (repeatable); its "
+        "key from $VAR (default EMBER_PROVIDER_<NAME>_KEY; unset: no key); kind ember: the upstream takes "
+        "ember's own fields",
+        flag="--provider",
+    )
+    fallbacks: dict[str, list[str]] = setting(
+        factory=dict,
+        help="MODEL=TARGET1[,TARGET2...]: where MODEL's requests go, in order, when it fails (5xx, 429, a "
+        "timeout, no connection, context too long); a target is NAME/model of a --provider or a local model "
+        "(repeatable)",
+        flag="--fallback",
+        parse=parse_fallbacks,
+    )
+    provider_timeout: float = setting(
+        60.0, help="seconds a provider has to answer (each streamed chunk too) before a retry", minimum=0.1
+    )
+    provider_retries: int = setting(
+        2, help="retries of a failed provider call (with exponential back-off) before its fallback", minimum=0
+    )
+    provider_cooldown: float = setting(
+        30.0,
+        help="seconds a provider that keeps failing is skipped before one request probes it again",
+        minimum=0.0,
+    )
+    provider_failures: int = setting(
+        3, help="consecutive failed calls after which a provider cools down", minimum=1
+    )
     allowed_origins: list[str] = setting(
         factory=list,
         help="CORS: a browser origin allowed to call the API (repeatable or comma-separated; * for any); "
@@ -353,6 +440,7 @@ class ServerConfig:
                 f"an API key reads '{REDACTED}': --print-config hides keys; give them with --api-key-file, "
                 f"--admin-key-file or ${API_KEYS_ENV} / ${ADMIN_KEY_ENV}"
             )
+        self._providers = self._read_providers()
         self._keys = self._read_keys(os.environ)
         api, admin = self._keys.api, self._keys.admin
         if admin is not None and (not admin.strip() or admin in api):
@@ -365,6 +453,23 @@ class ServerConfig:
                 if key in seen:
                     raise ValueError(f"--cache-namespace: key '{key}' is in both {seen[key]} and {name}")
                 seen[key] = name
+
+    def _read_providers(self) -> dict[str, ProviderSpec]:
+        providers: dict[str, ProviderSpec] = {}
+        for spec in self.providers:
+            try:
+                parsed = parse_provider(spec)
+            except ValueError as exc:
+                raise ConfigError("providers", str(exc)) from None
+            if parsed.name in providers:
+                raise ConfigError("providers", f"--provider {parsed.name} is given twice")
+            providers[parsed.name] = parsed
+        return providers
+
+    @property
+    def provider_specs(self) -> dict[str, ProviderSpec]:
+        """The --provider upstreams by name, parsed and checked."""
+        return self._providers
 
     @property
     def mcp(self) -> list[McpServer]:

@@ -42,6 +42,8 @@ from ember.engine.messages import ErrorKind
 from ember.errors import InvalidRequest
 from ember.gateway.guard import RESPONSE_HEADERS, Gateway
 from ember.gateway.limits import Limited
+from ember.gateway.providers import RawStream
+from ember.gateway.routing import GATEWAY_ERRORS, Route, Routing, error_answer
 from ember.lora.adapter import AdapterError, precheck
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server import middleware
@@ -245,6 +247,10 @@ def create_app(
     if platform is not None:  # keys, limits and usage live in the store (ember.gateway)
         state.gateway = Gateway(platform.store, engine.metrics.registry, state.prices)
         backend = state.gateway.metered(backend)
+    # Where a request's model runs: the engine (metered, above) or a --provider, then its --fallback targets.
+    routing = Routing.from_config(backend, options, engine.metrics.provider_calls)
+    app.state.routing = routing
+    app.router.on_shutdown.append(routing.aclose)
     # ---------------------------------------------------------------------------------------------------
 
     def stalled() -> JSONResponse | None:
@@ -293,7 +299,7 @@ def create_app(
         cards = backend.model_cards(_tenant(request))
         if embeddings is not None:
             cards[1:1] = embeddings.model_cards(backend.created)
-        return {"object": "list", "data": cards}
+        return {"object": "list", "data": cards + await routing.provider_cards()}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request) -> dict:
@@ -342,20 +348,20 @@ def create_app(
     def _tenant(request: Request) -> str | None:
         return state.tenant(getattr(request.state, "api_key", None))
 
-    def _admit(name: str, request: Request) -> str | None:
+    def _admit(name: str, request: Request) -> Route:
         return _admit_tenant(name, _tenant(request))
 
-    def _admit_tenant(name: str, tenant: str | None) -> str | None:
-        """The adapter a request's `model` names (None: the base model); 404 for anything else,
+    def _admit_tenant(name: str, tenant: str | None) -> Route:
+        """Where a request's `model` runs (ember.gateway.routing.Route); 404 for a name that is no model,
         another key's private adapters included."""
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
-        target = backend.resolve(name, tenant)
-        if target is not False:
-            return target
+        route = routing.resolve(name, tenant)
+        if route is not None:
+            return route
         if embeddings is not None and name == embeddings.name:
             raise InvalidRequest(f"'{name}' is an embedding model; use /v1/embeddings", param="model")
-        known = ", ".join(backend.known(tenant))
+        known = ", ".join(routing.known(tenant))
         raise _Refuse(404, f"model '{name}' does not exist; available: {known}", "model_not_found")
 
     def _context(request: Request) -> RequestContext:
@@ -368,16 +374,17 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
         body.check_supported(state.allow_unknown_fields)
-        target = _admit(body.model, request)
-        trace = state.recorder and await state.recorder.begin(body, request, target, _tenant(request))
-        answer = await backend.chat(body, target, _context(request))
+        route = _admit(body.model, request)
+        recorded = state.recorder if route.local else None  # a provider's answers are not traced (yet)
+        trace = recorded and await recorded.begin(body, request, route.adapter, _tenant(request))
+        answer = await routing.chat(body, route, _context(request))
         return _reply(trace.finish(answer) if trace else answer)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         body.check_supported(state.allow_unknown_fields)
-        target = _admit(body.model, request)
-        return _reply(await backend.complete(body, target, _context(request)))
+        route = _admit(body.model, request)
+        return _reply(await routing.complete(body, route, _context(request)))
 
     @app.post("/v1/embeddings")
     async def embed(body: EmbeddingRequest, request: Request):
@@ -388,6 +395,8 @@ def create_app(
         if state.draining:
             raise _Refuse(503, "the server is draining and takes no new requests", "draining", "server_error")
         if embeddings is None or body.model != embeddings.name:
+            if (answer := await routing.embed(body)) is not None:  # a provider's NAME/model
+                return answer
             known = embeddings.name if embeddings is not None else "none (start with --embedding-model)"
             raise _Refuse(
                 404, f"embedding model '{body.model}' does not exist; available: {known}", "model_not_found"
@@ -406,12 +415,12 @@ def create_app(
     async def chat_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = _unstreamed(ChatCompletionRequest, body)
         req.check_supported(state.allow_unknown_fields)
-        return await backend.chat(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
+        return await routing.chat(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
 
     async def completions_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = _unstreamed(CompletionRequest, body)
         req.check_supported(state.allow_unknown_fields)
-        return await backend.complete(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
+        return await routing.complete(req, _admit_tenant(req.model, tenant), _internal(tenant, priority))
 
     async def embeddings_endpoint(body: dict, tenant: str | None, priority: int) -> dict:
         req = EmbeddingRequest.model_validate(body)
@@ -634,6 +643,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return _error(503, str(exc), code="engine_dead", kind="server_error")
+
+    async def _upstream_failed(_: Request, exc: Exception) -> JSONResponse:
+        return error_answer(exc)
+
+    for kind in GATEWAY_ERRORS:
+        app.add_exception_handler(kind, _upstream_failed)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -866,7 +881,11 @@ async def _sse(stream: Stream) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-def _reply(answer: dict | Stream):
+def _reply(answer: dict | Stream | RawStream):
+    if isinstance(answer, RawStream):  # a provider's events, passed through as it framed them
+        return StreamingResponse(
+            answer.body, media_type="text/event-stream", background=BackgroundTask(answer.close)
+        )
     if isinstance(answer, Stream):
         # close() runs once the response is over, however it ended: a client that left aborts its requests.
         return StreamingResponse(
