@@ -97,6 +97,7 @@ FEATURE_TABLES = (
     "ember.store.evals",
     "ember.store.responses",
     "ember.store.batches",
+    "ember.store.flywheel",
 )
 
 
