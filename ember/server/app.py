@@ -292,8 +292,10 @@ def create_app(
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterRequest) -> dict:
         """Load an adapter, global (every key may use it), from a directory under a --lora-root."""
-        if body.name == model_name or body.name in engine.adapters:
-            raise _Refuse(409, f"a model or adapter named '{body.name}' already exists", "adapter_exists")
+        if body.name == model_name or body.name in engine.adapters or body.name in backend.aliases:
+            raise _Refuse(
+                409, f"a model, adapter or alias named '{body.name}' already exists", "adapter_exists"
+            )
         path = confined(body.path, state.lora_roots)
         if path is None:  # one answer whatever is or is not at that path: no file-system oracle
             raise LoRAOpError(OUTSIDE_ROOTS, ErrorKind.INVALID)
@@ -308,6 +310,12 @@ def create_app(
     async def remove_adapter(name: str) -> dict:
         if name not in engine.adapters:
             raise _Refuse(404, f"no LoRA adapter named '{name}' is loaded", "model_not_found")
+        if name in backend.alias_adapters:
+            alias = backend.alias_adapters[name]
+            raise LoRAOpError(
+                f"adapter '{name}' serves alias '{alias}'; repoint or delete the alias instead",
+                ErrorKind.CONFLICT,
+            )
         await engine.remove_lora(name)
         state.adapter_owners.pop(name, None)
         return {"id": name, "object": "model", "deleted": True}

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ember.engine.async_engine import EngineNotReadyError
 from ember.engine.client import EngineClient, EngineState
 from ember.errors import InvalidRequest
 from ember.outputs import RequestOutput
@@ -40,6 +41,18 @@ class RequestContext:
         0  # the engine serves lower numbers first (ember.server.platform: interactive 0, batch 10)
     )
     tenant: str | None = None  # the caller's owner id (ServerState.tenant); None: an open server
+
+
+@dataclass(frozen=True)
+class AliasTarget:
+    """What a deployment alias serves now (ember.server.aliases_api keeps them): the base model
+    (`adapter` None) or the adapter the engine serves under `adapter`. `unavailable` says why it cannot be
+    served at the moment (its adapter is still loading after a restart, or failed to load)."""
+
+    version: int
+    adapter: str | None
+    card: dict  # what /v1/models shows of it under "alias"
+    unavailable: str | None = None
 
 
 class Stream:
@@ -73,12 +86,19 @@ class EngineBackend:
 
     Adapters are global (every key may use them) unless `owners` names an owner id for one: then only
     requests of that tenant see it, in /v1/models and at request time; to any other it does not exist.
+
+    Deployment aliases (`aliases`, alias name -> AliasTarget) are global too. A request names one as its
+    model and is resolved once, at admission, to the adapter the alias serves then: repointing swaps the
+    entry, and a request already admitted finishes on the adapter it started with. The adapters loaded
+    for aliases (`alias_adapters`, adapter name -> alias) are not listed as models of their own.
     """
 
     def __init__(self, engine: EngineClient, model_name: str, owners: dict[str, str] | None = None):
         self.engine = engine
         self.model_name = model_name
         self.owners = owners if owners is not None else {}  # adapter name -> owner id; absent: global
+        self.aliases: dict[str, AliasTarget] = {}
+        self.alias_adapters: dict[str, str] = {}
         self.created = int(time.time())
 
     # -- models -------------------------------------------------------------------------------------
@@ -99,7 +119,8 @@ class EngineBackend:
         return card if path is None else {**card, "path": path}
 
     def model_cards(self, tenant: str | None = None) -> list[dict]:
-        return [self.card(n) for n in self.known(tenant)]
+        cards = [self.card(n) for n in self.known(tenant) if n not in self.aliases]
+        return cards + [{**self.card(n), "alias": a.card} for n, a in sorted(self.aliases.items())]
 
     def visible(self, adapter: str, tenant: str | None) -> bool:
         """Whether `tenant` may use this loaded adapter: a global one, or its own."""
@@ -107,9 +128,15 @@ class EngineBackend:
         return adapter in self.engine.adapters and (owner is None or owner == tenant)
 
     def resolve(self, model: str, tenant: str | None = None) -> str | None | bool:
-        """Adapters answer to their own name or to BASE:NAME (adapter names have no ':'; a base's may)."""
+        """Adapters answer to their own name or to BASE:NAME (adapter names have no ':'; a base's may); an
+        alias to what it serves now."""
         if model == self.model_name:
             return None
+        alias = self.aliases.get(model)
+        if alias is not None:
+            if alias.unavailable is not None:
+                raise EngineNotReadyError(f"alias '{model}' (version {alias.version}): {alias.unavailable}")
+            return alias.adapter
         if self.visible(model, tenant):
             return model
         base, sep, rest = model.rpartition(":")
@@ -118,7 +145,12 @@ class EngineBackend:
         return False
 
     def known(self, tenant: str | None = None) -> list[str]:
-        return [self.model_name, *(n for n in sorted(self.engine.adapters) if self.visible(n, tenant))]
+        adapters = (
+            n
+            for n in sorted(self.engine.adapters)
+            if self.visible(n, tenant) and n not in self.alias_adapters
+        )
+        return [self.model_name, *adapters, *sorted(self.aliases)]
 
     @property
     def state(self) -> EngineState:
