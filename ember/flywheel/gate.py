@@ -41,6 +41,11 @@ def decide(comparison: dict, gate: Gate) -> dict:
     primary = gate.primary or names[0]
     checks = []
     for c in criteria:
+        if c["diff"] is None:  # every item errored on one side or the other
+            kind = "primary" if c["name"] == primary else "guard"
+            detail = f"no item was scored on both sides ({c.get('errored')} errored)"
+            checks.append({"name": c["name"], "kind": kind, "passed": False, "detail": detail})
+            continue
         interval = f"{c['diff']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
         if c["name"] == primary:
             passed = c["ci_low"] > 0

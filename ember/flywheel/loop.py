@@ -206,9 +206,10 @@ class FlywheelRunner:
         alias = self.parts.alias(self.ctx, spec["alias"], run["tenant"])
         if alias is None:
             raise RunFailed("alias_not_found", f"the alias '{spec['alias']}' was deleted during the run")
-        baseline = {"version": alias["version"], "serves": alias["serves"]}
+        # The baseline is pinned to the version the alias serves now, by the name that serves it.
+        baseline = {"version": alias["version"], "serves": alias["serves"], "model": alias["model"]}
         latency: dict[str, list[float]] = {"a": [], "b": []}
-        side = {spec["alias"]: "a", run["candidate"]: "b"}
+        side = {alias["model"]: "a", run["candidate"]: "b"}
 
         async def timed(path: str, body: dict, tenant: str | None, priority: int = BATCH_PRIORITY):
             started = time.perf_counter()
@@ -217,14 +218,22 @@ class FlywheelRunner:
                 latency[side[body["model"]]].append((time.perf_counter() - started) * 1000)
             return answer
 
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int) -> None:
+            if done == total or done % max(1, total // 10) == 0:
+                loop.create_task(self._detail(run["id"], "evaluate", f"{done}/{total} items"))
+
         gate = Gate(**spec["gate"])
         comparison = await self.parts.compare(
-            timed, spec["eval"], spec["alias"], run["candidate"], run["tenant"], gate
+            timed, spec["eval"], alias["model"], run["candidate"], run["tenant"], gate, progress
         )
         comparison["latency_ms"] = latency
         values = {"baseline": baseline, "comparison": comparison}
         await asyncio.to_thread(rows.update, store, run["id"], values)
         first = comparison["criteria"][0]
+        if first["diff"] is None:
+            return f"{first['name']}: no item was scored on both sides"
         return (
             f"{first['name']}: {first['mean_a']:.3f} -> {first['mean_b']:.3f} "
             f"({first['diff']:+.3f} [{first['ci_low']:+.3f}, {first['ci_high']:+.3f}])"
@@ -240,13 +249,15 @@ class FlywheelRunner:
             return "not promoted"
         spec, store = run["spec"], self.ctx.platform.store
         alias = self.parts.alias(self.ctx, spec["alias"], run["tenant"])
-        if alias is None or alias["version"] != run["baseline"]["version"]:
-            now = "deleted" if alias is None else f"at version {alias['version']}"
-            why = f"the alias was repointed during the run (evaluated at version {run['baseline']['version']}, now {now})"
+        version = run["baseline"]["version"]
+        promoted = None
+        if alias is not None and alias["version"] == version:
+            promoted = await self.parts.repoint(self.ctx, spec["alias"], run["candidate"], version, run["id"])
+        if promoted is None:  # deleted, or repointed by someone else since it was evaluated
+            why = f"the alias was repointed or deleted during the run (it was evaluated at version {version})"
             decision = {**run["decision"], "promote": False, "reasons": [*run["decision"]["reasons"], why]}
             await asyncio.to_thread(rows.update, store, run["id"], {"decision": decision})
             return "not promoted: " + why
-        promoted = await self.parts.repoint(self.ctx, spec["alias"], run["candidate"], alias["version"])
         await asyncio.to_thread(rows.update, store, run["id"], {"promoted": promoted})
         return f"{spec['alias']} -> {run['candidate']} (version {promoted['version']})"
 

@@ -103,9 +103,12 @@ async def tune(ctx: PlatformContext, tenant: str | None, file_id: str, spec: dic
     return await submit(tuning.store, tuning.runner, body, tenant, True, source, template, max_rank)
 
 
-async def compare(call, eval_spec: dict, model_a: str, model_b: str, tenant: str | None, gate) -> dict:
+async def compare(
+    call, eval_spec: dict, model_a: str, model_b: str, tenant: str | None, gate, progress=None
+) -> dict:
     """Both models on the eval's items, scored by its criteria, with the paired bootstrap interval of b - a
-    per criterion: {"items", "confidence", "criteria": [{name, mean_a, mean_b, diff, ci_low, ci_high, n}]}."""
+    per criterion (ember.evals.compare): {"items", "confidence", "criteria": [{name, n, errored, mean_a,
+    mean_b, diff, ci_low, ci_high}]}; the numbers are None for a criterion no item was scored on."""
     from ember.evals.compare import compare as evals_compare
 
     result = await evals_compare(
@@ -115,40 +118,45 @@ async def compare(call, eval_spec: dict, model_a: str, model_b: str, tenant: str
         eval_spec["input_messages"],
         model_a,
         model_b,
+        sampling_params=eval_spec.get("sampling_params"),
         tenant=tenant,
         priority=BATCH_PRIORITY,
         seed=gate.seed,
         n_boot=gate.n_boot,
-        sampling_params=eval_spec.get("sampling_params"),
+        confidence=gate.confidence,
+        progress=progress,
     )
+    keys = ("name", "n", "errored", "mean_a", "mean_b", "diff", "ci_low", "ci_high")
     return {
         "items": len(eval_spec["items"]),
         "confidence": gate.confidence,
-        "criteria": [
-            {
-                "name": c.name,
-                "mean_a": c.mean_a,
-                "mean_b": c.mean_b,
-                "diff": c.diff,
-                "ci_low": c.ci_low,
-                "ci_high": c.ci_high,
-                "n": c.n,
-            }
-            for c in result.criteria
-        ],
+        "criteria": [{k: getattr(c, k) for k in keys} for c in result.criteria],
     }
 
 
 def alias(ctx: PlatformContext, name: str, tenant: str | None) -> dict | None:
-    """{"version", "serves"} of the alias `name`, or None if there is none."""
-    from ember.server.aliases_api import current
+    """What the alias `name` serves now: {"version", "serves" (its card), "model" (the name that pins that
+    version in a request: the version's adapter, or the base)}; None if there is no such alias."""
+    target = ctx.backend.aliases.get(name)
+    if target is None:
+        return None
+    return {"version": target.version, "serves": target.card, "model": target.adapter or ctx.model_name}
 
-    return current(ctx, name)
 
+async def repoint(
+    ctx: PlatformContext, name: str, model: str, expected_version: int, run_id: str
+) -> dict | None:
+    """Point the alias at `model` (a fine-tuned model's name) if it is still at `expected_version`: what it
+    serves then (as `alias`), or None if it had moved (another repoint won)."""
+    from ember.server.aliases_api import Aliases, AliasRepoint
+    from ember.server.files_api import Refusal
 
-async def repoint(ctx: PlatformContext, name: str, model: str, expected_version: int) -> dict:
-    """Point the alias at `model` (a fine-tuned model's name), if it is still at `expected_version`; the
-    alias after: {"version", "serves"}."""
-    from ember.server.aliases_api import repoint as alias_repoint
-
-    return await alias_repoint(ctx, name, model, expected_version)
+    aliases = next(s for s in ctx.services if isinstance(s, Aliases))
+    body = AliasRepoint(model=model, expected_version=expected_version, metadata={"flywheel_run": run_id})
+    try:
+        await aliases.point(name, body, create=False, expected=expected_version)
+    except Refusal as exc:
+        if exc.status == 409:
+            return None
+        raise
+    return alias(ctx, name, None)

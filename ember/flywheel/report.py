@@ -61,6 +61,9 @@ def render(run: dict) -> str:
             "| --- | --- | --- | --- | --- |",
         ]
         for c in comparison["criteria"]:
+            if c["diff"] is None:
+                lines.append(f"| {c['name']} | - | - | - | no item scored on both sides |")
+                continue
             lines.append(
                 f"| {c['name']} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | {c['diff']:+.3f} | "
                 f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] |"

@@ -17,6 +17,8 @@ from fastapi import Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ember.errors import InvalidRequest
+from ember.evals.graders import check_criteria
+from ember.evals.sampling import check_input_messages, check_sampling_params
 from ember.flywheel.gate import Gate
 from ember.flywheel.loop import FlywheelRunner, suffix
 from ember.protocol.requests import check_metadata
@@ -70,7 +72,7 @@ class EvalSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     items: list[dict[str, Any]] = Field(min_length=2, max_length=MAX_EVAL_ITEMS)
-    input_messages: list[dict[str, Any]] = Field(min_length=1)
+    input_messages: dict[str, Any] | list[dict[str, Any]]
     testing_criteria: list[dict[str, Any]] = Field(min_length=1)
     sampling_params: dict[str, Any] | None = None
 
@@ -247,11 +249,10 @@ def check(ctx: PlatformContext, runner: FlywheelRunner, body: RunRequest, reques
         gate = Gate(**body.gate.model_dump())
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="gate") from None
-    names = [c.get("name") for c in body.eval.testing_criteria]
-    if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
-        raise InvalidRequest(
-            "each of eval.testing_criteria needs a unique name", param="eval.testing_criteria"
-        )
+    check_criteria(body.eval.testing_criteria, "eval.testing_criteria")
+    check_input_messages(body.eval.input_messages, "eval.input_messages")
+    check_sampling_params(body.eval.sampling_params, "eval.sampling_params")
+    names = [c["name"] for c in body.eval.testing_criteria]
     if gate.primary is not None and gate.primary not in names:
         raise InvalidRequest(
             f"gate.primary '{gate.primary}' is not a criterion; criteria: {', '.join(names)}",

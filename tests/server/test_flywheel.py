@@ -47,7 +47,7 @@ class Script:
     """The parts the tests control: an alias table, a comparison to return, what the dataset was asked."""
 
     def __init__(self, criteria: list[dict], hold: asyncio.Event | None = None):
-        self.aliases = {"support-bot": {"version": 1, "serves": MODEL}}
+        self.aliases = {"support-bot": {"version": 1, "serves": {"model": MODEL}, "model": MODEL}}
         self.criteria, self.hold = criteria, hold
         self.asked: list[dict] = []
         self.latency = (10.0, 12.0)
@@ -63,7 +63,7 @@ class Script:
             file_id = await asyncio.to_thread(real_parts._save, ctx, owner, rows, name)
             return {"file_id": file_id, "examples": len(rows), "selected": len(rows)}
 
-        async def compare(call, eval_spec, model_a, model_b, tenant, gate):
+        async def compare(call, eval_spec, model_a, model_b, tenant, gate, progress):
             return {
                 "items": len(eval_spec["items"]),
                 "confidence": gate.confidence,
@@ -73,9 +73,9 @@ class Script:
         def alias(ctx, name, tenant):
             return self.aliases.get(name)
 
-        async def repoint(ctx, name, model, expected_version):
+        async def repoint(ctx, name, model, expected_version, run_id):
             assert self.aliases[name]["version"] == expected_version
-            self.aliases[name] = {"version": expected_version + 1, "serves": model}
+            self.aliases[name] = {"version": expected_version + 1, "serves": {"model": model}, "model": model}
             return self.aliases[name]
 
         return Parts(dataset=dataset, compare=compare, alias=alias, repoint=repoint)
@@ -125,7 +125,8 @@ def test_a_better_candidate_is_promoted_and_reported(tmp_path):
         run = wait_done(http, start(http)["id"])
         assert run["status"] == "completed", run["error"]
         assert run["decision"]["promote"] is True and run["decision"]["reasons"] == []
-        assert script.aliases["support-bot"] == {"version": 2, "serves": run["candidate"]}
+        assert script.aliases["support-bot"]["version"] == 2
+        assert script.aliases["support-bot"]["model"] == run["candidate"]
         assert run["promoted"]["version"] == 2 and run["candidate"].startswith(f"ft:{MODEL}:support-bot:")
         job = http.get(f"/v1/fine_tuning/jobs/{run['fine_tuning_job']}", headers=ADMIN_H).json()
         assert job["status"] == "succeeded" and job["metadata"] == {"flywheel_run": run["id"]}
@@ -159,7 +160,7 @@ def test_the_gate_rejects_and_the_alias_stays(tmp_path, criteria, why):
         run = wait_done(http, start(http)["id"])
         assert run["status"] == "completed" and run["decision"]["promote"] is False
         assert run["decision"]["reasons"][0].startswith(why)
-        assert script.aliases["support-bot"] == {"version": 1, "serves": MODEL} and run["promoted"] is None
+        assert script.aliases["support-bot"]["version"] == 1 and run["promoted"] is None
         assert "**Not promoted**" in run["report"] and why in run["report"]
 
 
@@ -191,7 +192,8 @@ def test_refusals_name_what_to_change(tmp_path):
             ({**body, "hyperparameters": {"n_epochs": 0}}, 400, "method.supervised.hyperparameters.n_epochs"),
             ({**body, "eval": {**EVAL, "items": []}}, 400, "eval.items"),
             ({**body, "eval": {**EVAL, "testing_criteria": [EVAL["testing_criteria"][0]] * 2}}, 400,
-             "eval.testing_criteria"),
+             "eval.testing_criteria[1].name"),
+            ({**body, "eval": {**EVAL, "input_messages": {"type": "nope"}}}, 400, "eval.input_messages"),
             ({**body, "surprise": 1}, 400, "surprise"),
         ]  # fmt: skip
         for case, status, param in cases:
