@@ -218,11 +218,13 @@ class FlywheelRunner:
                 latency[side[body["model"]]].append((time.perf_counter() - started) * 1000)
             return answer
 
-        loop = asyncio.get_running_loop()
+        updates: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references
 
         def progress(done: int, total: int) -> None:
             if done == total or done % max(1, total // 10) == 0:
-                loop.create_task(self._detail(run["id"], "evaluate", f"{done}/{total} items"))
+                task = asyncio.ensure_future(self._detail(run["id"], "evaluate", f"{done}/{total} items"))
+                updates.add(task)
+                task.add_done_callback(updates.discard)
 
         gate = Gate(**spec["gate"])
         comparison = await self.parts.compare(
