@@ -3,8 +3,9 @@ print (and write) its report. The run is the server's: interrupting this command
 
     ember flywheel --alias support-bot --traces 'tag=support' --eval eval.json --api-key $ADMIN
 
---traces: comma-separated filters; `model`, `since`, `until` (unix seconds), `min_score` and `limit` are
-the selection's own, every other key=value is a metadata tag the stored completion must carry.
+--traces: comma-separated filters; `model`, `created_after`, `created_before` (unix seconds), `min_score`
+and `limit` are the selection's own, every other key=value is a metadata tag the stored completion must
+carry.
 --eval: a JSON or YAML file {"items": [...] or "items_file": "held_out.jsonl", "input_messages": [...],
 "testing_criteria": [...], "sampling_params"?: {...}}, as the Evals API names them.
 Exit status: 0 when the run completed (promoted or not: the report says which), 1 when it failed.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import typer
 
-FILTERS = {"model": str, "since": int, "until": int, "min_score": float, "limit": int}
+FILTERS = {"model": str, "created_after": int, "created_before": int, "min_score": float, "limit": int}
 DONE = ("completed", "failed", "cancelled")
 
 
@@ -79,6 +80,9 @@ def flywheel(
     lr_multiplier: float | None = typer.Option(None, help="learning-rate multiplier (of 2e-4)"),
     rank: int | None = typer.Option(None, help="LoRA rank"),
     max_len: int | None = typer.Option(None, help="longest training example, in tokens"),
+    near_dedupe: float = typer.Option(
+        0.8, help="drop prompts this similar to one kept (estimated Jaccard); 0: exact duplicates only"
+    ),
     min_examples: int = typer.Option(8, help="fail the run if the traces give fewer training examples"),
     max_latency_ratio: float | None = typer.Option(2.0, help="latency guard: candidate p50 / baseline p50"),
     report: Path | None = typer.Option(None, help="write the report (markdown) here too"),
@@ -91,6 +95,7 @@ def flywheel(
 
     console = Console(stderr=True)
     selection = parse_traces(traces)
+    selection["dedupe"] = {"near_threshold": near_dedupe or None}
     if traces_key:
         selection["api_key"] = traces_key
     hyper = {"n_epochs": epochs, "batch_size": batch_size, "learning_rate_multiplier": lr_multiplier}

@@ -57,6 +57,8 @@ class FlywheelRunner:
     ctx: PlatformContext
     parts: Parts = field(default_factory=Parts)
     poll_s: float = 2.0
+    # run id -> the relabelling endpoint's API key, held from the request to the dataset step, never stored
+    secrets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self._wake = asyncio.Event()
@@ -157,9 +159,25 @@ class FlywheelRunner:
 
     async def _dataset(self, run: dict) -> str:
         spec = run["spec"]
-        made = await self.parts.dataset(
-            self.ctx, run["tenant"], spec["traces"], spec.get("relabel_with"), f"flywheel-{run['id']}"
-        )
+        relabel = spec.get("relabel_with")
+        if relabel is not None:
+            keyed = relabel["keyed"]
+            relabel = {k: v for k, v in relabel.items() if k != "keyed"}
+            if keyed:
+                if run["id"] not in self.secrets:
+                    raise RunFailed(
+                        "relabel_key_lost",
+                        "the server restarted before the dataset was built, and the relabelling endpoint's "
+                        "API key is never stored: start the run again",
+                    )
+                relabel["api_key"] = self.secrets[run["id"]]
+        try:
+            made = await self.parts.dataset(
+                self.ctx, run["tenant"], spec["traces"], relabel, f"flywheel-{run['id']}"
+            )
+        except default_parts.DatasetFailed as exc:
+            raise RunFailed("empty_dataset", f"the traces selected gave no dataset: {exc}") from None
+        self.secrets.pop(run["id"], None)
         if made["examples"] < spec["min_examples"]:
             raise RunFailed(
                 "too_few_examples",

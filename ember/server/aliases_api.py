@@ -135,17 +135,21 @@ class Aliases:
             await wait_ready()
         for alias in await asyncio.to_thread(rows.load, self.store):
             name = alias["id"]
-            kept = alias["history"][:KEEP_LOADED]
-            for i, row in enumerate(kept):
-                try:
-                    await self._load(name, row)
-                except Exception as exc:
-                    log.warning("alias %s version %s cannot be served: %s", name, row["version"], exc)
+            async with self._locks.setdefault(name, asyncio.Lock()):  # no repoint or delete meanwhile
+                current = self.backend.aliases.get(name)
+                if current is None or current.version != alias["version"]:
+                    continue  # deleted or repointed since it was listed: that made its own entry
+                for i, row in enumerate(alias["history"][:KEEP_LOADED]):
+                    try:
+                        await self._load(name, row)
+                    except Exception as exc:
+                        log.warning("alias %s version %s cannot be served: %s", name, row["version"], exc)
+                        if i == 0:
+                            why = f"its adapter failed to load at start: {exc}"
+                            self.backend.aliases[name] = self._target(row, why)
+                        continue
                     if i == 0:
-                        self._swap(name, self._target(row, f"its adapter failed to load at start: {exc}"))
-                    continue
-                if i == 0:
-                    self._swap(name, self._target(row))
+                        self.backend.aliases[name] = self._target(row)
 
     # -- what a version serves ----------------------------------------------------------------------
 
@@ -153,16 +157,12 @@ class Aliases:
         card = {k: row[k] for k in ("version", "model", "source", "adapter", "served_as")}
         return AliasTarget(row["version"], row["served_as"], card, unavailable)
 
-    def _swap(self, name: str, target: AliasTarget) -> None:
-        # Only if the alias still exists: a restore never brings back one deleted meanwhile.
-        if name in self.backend.aliases:
-            self.backend.aliases[name] = target
-
     async def _load(self, name: str, row: dict) -> None:
         served = row["served_as"]
-        if served is None or served in self.engine.adapters:
+        if served is None:
             return
-        await self.engine.add_lora(served, row["path"])
+        if served not in self.engine.adapters:
+            await self.engine.add_lora(served, row["path"])
         self.backend.alias_adapters[served] = name
 
     def _resolve_target(self, body: AliasTargetBody) -> dict:
@@ -246,7 +246,7 @@ class Aliases:
             version = 1 if create else current.version + 1
             served = None
             if target["path"] is not None:
-                served = f"{name}@v{version}-{secrets.token_hex(3)}"
+                served = f"{name}.v{version}.{secrets.token_hex(3)}"  # adapter names: [A-Za-z0-9._-]
                 if target["source"] == "adapter_path":  # untrusted files: checked off the step loop first
                     try:
                         await asyncio.to_thread(precheck, served, target["path"])
@@ -265,10 +265,10 @@ class Aliases:
                     rows.add_version, self.store, name, None if create else version - 1, row
                 )
             except rows.VersionConflict as exc:  # another process wrote the alias meanwhile
-                self._retire(name, [served], grace=False)
+                self._retire([served], grace=False)
                 raise Refusal(409, str(exc), param="name", code="version_conflict") from None
             except BaseException:
-                self._retire(name, [served], grace=False)
+                self._retire([served], grace=False)
                 raise
             self.backend.aliases[name] = self._target(row)  # the swap: requests admitted now get `row`
             await self._retire_old(name)
@@ -279,15 +279,15 @@ class Aliases:
             if self.backend.aliases.pop(name, None) is None:
                 raise Refusal(404, f"no alias named '{name}'", param="name", code="alias_not_found")
             await asyncio.to_thread(rows.remove, self.store, name)
-            self._retire(name, [a for a, owner in self.backend.alias_adapters.items() if owner == name])
+            self._retire([a for a, owner in self.backend.alias_adapters.items() if owner == name])
 
     async def _retire_old(self, name: str) -> None:
         alias = await asyncio.to_thread(rows.get, self.store, name)
         kept = {r["served_as"] for r in alias["history"][:KEEP_LOADED]}
         old = [a for a, owner in self.backend.alias_adapters.items() if owner == name and a not in kept]
-        self._retire(name, old)
+        self._retire(old)
 
-    def _retire(self, name: str, adapters: list[str | None], grace: bool = True) -> None:
+    def _retire(self, adapters: list[str | None], grace: bool = True) -> None:
         for adapter in adapters:
             if adapter is not None:
                 self._spawn(self._unload(adapter, self.retire_grace_s if grace else 0.0))

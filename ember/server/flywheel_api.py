@@ -1,54 +1,77 @@
-"""/v1/flywheel/runs: the loop in one call. A run builds a dataset from stored completions, tunes an
-adapter on it, evaluates it against what an alias serves and repoints the alias only if the gate passes;
-its report is stored and returned either way (ember.flywheel.loop does the work).
+"""/v1/flywheel: the data flywheel's routes.
 
-Admin only: a run changes what an alias serves. It reads the stored completions of the API key named in
-`traces.api_key` (presenting a key is the right to its traces, as a request made with it would be), else
-the admin key's own; its dataset file and fine-tuning job are the admin's.
+`POST /v1/flywheel/datasets` makes a fine-tuning file from the caller's own stored completions
+(ember.flywheel.dataset): select, dedupe, relabel, export to /v1/files. `create_dataset` is the same as a
+function, for the loop that builds on it. Relabelling with a model of this server runs as the caller (its
+own adapters, an alias, the base); with an external endpoint (`relabel.base_url`) only for the admin key,
+since it makes the server connect where the request says. The endpoint's key is used for this request and
+never stored.
+
+`/v1/flywheel/runs`: the loop in one call (ember.flywheel.loop does the work; ember.flywheel.spec checks
+the request). Admin only: a run changes what an alias serves.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import Query, Request
+from fastapi import FastAPI, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ember.errors import InvalidRequest
-from ember.evals.graders import check_criteria
-from ember.evals.sampling import check_input_messages, check_sampling_params
-from ember.flywheel.gate import Gate
-from ember.flywheel.loop import FlywheelRunner, suffix
+from ember.flywheel.dataset import DatasetError, Selection, build, export, trainer_check
+from ember.flywheel.dedupe import DedupeConfig
+from ember.flywheel.loop import FlywheelRunner
+from ember.flywheel.relabel import Generation, endpoint_relabeller, server_relabeller
+from ember.flywheel.spec import run_spec
 from ember.protocol.requests import check_metadata
-from ember.server.files_api import Refusal, listing
+from ember.server.files_api import Refusal, file_object, listing
 from ember.server.platform import PlatformContext
 from ember.store import db
 from ember.store import flywheel as rows
-from ember.tune.spec import JobRequest, job_spec
+from ember.tokenizer import Tokenizer
 
-ROUTE = "/v1/flywheel/runs/{run_id}"
+RUN = "/v1/flywheel/runs/{run_id}"
 ACCESS = {
+    "/v1/flywheel/datasets": "user_or_admin",
     "/v1/flywheel/runs": "admin",
-    ROUTE: "admin",
-    ROUTE + "/events": "admin",
-    ROUTE + "/cancel": "admin",
+    RUN: "admin",
+    RUN + "/events": "admin",
+    RUN + "/cancel": "admin",
 }
-MAX_EVAL_ITEMS = 5000
+MAX_FILENAME = 255
 
 
-class TraceSelection(BaseModel):
-    """Which stored completions the dataset is made of (ember.traces.query.select's filters)."""
-
+class DedupeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    metadata: dict[str, str] | None = None
-    model: str | None = None
-    since: int | None = None
-    until: int | None = None
+    near_threshold: float | None = Field(default=0.8, gt=0.0, le=1.0)  # None: exact duplicates only
+    shingle_size: int = Field(default=5, ge=1, le=64)
+    num_perm: int = Field(default=128, ge=16, le=1024)
+
+
+class RelabelBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256)
+    base_url: str | None = Field(default=None, pattern=r"^https?://", max_length=2048)
+    api_key: str | None = Field(default=None, max_length=4096)
+    max_tokens: int | None = Field(default=512, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+
+class DatasetRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metadata: dict[str, str] | None = None  # every pair among the trace's tags
+    model: str | None = Field(default=None, max_length=256)  # as the requests named it
+    created_after: int | None = Field(default=None, ge=0)  # unix seconds, inclusive
+    created_before: int | None = Field(default=None, ge=0)  # exclusive
     min_score: float | None = None
     limit: int | None = Field(default=None, ge=1)
-    api_key: str | None = None  # whose completions; None: the admin key's own
+    include_truncated: bool = False
+    method: Literal["sft", "dpo"] = "sft"
+    dedupe: DedupeBody = Field(default_factory=DedupeBody)
+    relabel: RelabelBody | None = None
+    filename: str | None = Field(default=None, min_length=1, max_length=MAX_FILENAME)
 
     @field_validator("metadata")
     @classmethod
@@ -56,14 +79,99 @@ class TraceSelection(BaseModel):
         return check_metadata(v)
 
 
-class Relabel(BaseModel):
-    """A stronger model that answers the traced prompts again: a model or adapter this server serves, or
-    one behind an OpenAI-compatible endpoint (`base_url`, with `api_key`)."""
+async def create_dataset(
+    ctx: PlatformContext, tenant: str | None, body: DatasetRequest, admin: bool, owner: str | None = None
+) -> dict:
+    """The dataset `body` asks for, made of `tenant`'s traces and stored as `tenant`'s file (or `owner`'s:
+    a flywheel run's file is the admin's, over a key's traces): the flywheel.dataset object (the file, and
+    what was selected, dropped and written)."""
+    relabel, close = None, None
+    if body.relabel is not None:
+        gen = Generation(body.relabel.max_tokens, body.relabel.temperature)
+        if body.relabel.base_url is None:
+            relabel = server_relabeller(ctx.call, body.relabel.model, tenant, gen)
+        elif not admin:
+            raise Refusal(
+                403,
+                "relabelling with an external endpoint needs the admin key; relabel with a model of this "
+                "server instead (leave out base_url)",
+                param="relabel.base_url",
+                code="forbidden",
+            )
+        else:
+            relabel, close = endpoint_relabeller(
+                body.relabel.base_url, body.relabel.model, body.relabel.api_key, gen
+            )
+    recorder = ctx.state.recorder
+    if recorder is not None:  # what was captured a moment ago is part of the traffic too
+        await recorder.flush()
+    try:
+        selection = Selection(
+            metadata=body.metadata,
+            model=body.model,
+            since=body.created_after,
+            until=body.created_before,
+            min_score=body.min_score,
+            limit=body.limit,
+            include_truncated=body.include_truncated,
+        )
+        config = DedupeConfig(body.dedupe.near_threshold, body.dedupe.shingle_size, body.dedupe.num_perm)
+        tokenizer = ctx.engine.tokenizer
+        check = trainer_check(tokenizer, body.method) if isinstance(tokenizer, Tokenizer) else None
+        concurrency = body.relabel.concurrency if body.relabel is not None else 1
+        dataset = await build(
+            ctx.platform.store, tenant, selection, body.method, config, relabel, concurrency, check
+        )
+    except DatasetError as exc:
+        raise Refusal(400, str(exc), param=exc.param, code="invalid_dataset") from None
+    finally:
+        if close is not None:
+            await close()
+    filename = body.filename or f"flywheel-{body.method}.jsonl"
+    try:
+        row = await asyncio.to_thread(
+            export, ctx.platform, tenant if owner is None else owner, dataset, filename
+        )
+    except DatasetError as exc:
+        raise Refusal(400, str(exc), param=exc.param, code="empty_dataset") from None
+    return {
+        "object": "flywheel.dataset",
+        "method": dataset.method,
+        "file": file_object(row),
+        "counts": dict(sorted(dataset.counts.items())),
+        "trace_ids": dataset.trace_ids,
+    }
+
+
+def install_datasets(app: FastAPI, ctx: PlatformContext) -> None:
+    @app.post("/v1/flywheel/datasets")
+    async def datasets(body: DatasetRequest, request: Request) -> dict:
+        return await create_dataset(ctx, ctx.tenant_of(request), body, ctx.is_admin(request))
+
+
+MAX_EVAL_ITEMS = 5000
+
+
+class TraceSelection(BaseModel):
+    """Which stored completions a run trains on: a dataset request's selection and dedupe
+    (DatasetRequest), and whose they are. `include_truncated` None: true when relabelling (the served
+    answer is replaced), false otherwise."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1)
-    base_url: str | None = None
-    api_key: str | None = None
+    metadata: dict[str, str] | None = None
+    model: str | None = Field(default=None, max_length=256)
+    created_after: int | None = Field(default=None, ge=0)
+    created_before: int | None = Field(default=None, ge=0)
+    min_score: float | None = None
+    limit: int | None = Field(default=None, ge=1)
+    include_truncated: bool | None = None
+    dedupe: DedupeBody = Field(default_factory=DedupeBody)
+    api_key: str | None = None  # whose completions; None: the admin key's own
+
+    @field_validator("metadata")
+    @classmethod
+    def _limits(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return check_metadata(v)
 
 
 class EvalSpec(BaseModel):
@@ -90,7 +198,7 @@ class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     alias: str = Field(min_length=1)
     traces: TraceSelection
-    relabel_with: Relabel | None = None
+    relabel_with: RelabelBody | None = None
     eval: EvalSpec
     hyperparameters: dict[str, Any] | None = None  # the fine-tuning job's (n_epochs, batch_size, ...)
     lora: dict[str, Any] | None = None
@@ -107,7 +215,7 @@ def run_object(row: dict) -> dict:
     shown = {k: v for k, v in spec.items() if k not in ("traces", "relabel_with", "eval")}
     shown["traces"] = {k: v for k, v in spec["traces"].items() if k != "tenant" and v is not None}
     if spec.get("relabel_with"):
-        shown["relabel_with"] = {k: v for k, v in spec["relabel_with"].items() if k != "api_key"}
+        shown["relabel_with"] = {k: v for k, v in spec["relabel_with"].items() if k != "keyed"}
     shown["eval"] = {
         "items": len(spec["eval"]["items"]),
         "testing_criteria": spec["eval"]["testing_criteria"],
@@ -146,7 +254,12 @@ def event_object(row: dict) -> dict:
     }
 
 
-def install(app, ctx: PlatformContext) -> None:
+def install(app: FastAPI, ctx: PlatformContext) -> None:
+    install_datasets(app, ctx)
+    install_runs(app, ctx)
+
+
+def install_runs(app: FastAPI, ctx: PlatformContext) -> None:
     store = ctx.platform.store
     runner = FlywheelRunner(ctx)
     ctx.services.append(runner)
@@ -160,10 +273,13 @@ def install(app, ctx: PlatformContext) -> None:
 
     @app.post("/v1/flywheel/runs")
     async def create(body: RunRequest, request: Request) -> dict:
-        spec = check(ctx, runner, body, request)
+        spec = run_spec(ctx, runner.parts, body, ctx.tenant_of(request))
         created = db.now()
+        run_id = db.new_id("fwrun")
+        if body.relabel_with is not None and body.relabel_with.api_key is not None:
+            runner.secrets[run_id] = body.relabel_with.api_key  # held for the dataset step, never stored
         row = {
-            "id": db.new_id("fwrun"),
+            "id": run_id,
             "tenant": ctx.tenant_of(request),
             "alias": body.alias,
             "spec": spec,
@@ -185,17 +301,17 @@ def install(app, ctx: PlatformContext) -> None:
         found, more = await asyncio.to_thread(store.page, rows.runs, where, after, limit)
         return listing([run_object(r) for r in found], more)
 
-    @app.get(ROUTE)
+    @app.get(RUN)
     async def retrieve(run_id: str, request: Request) -> dict:
         return run_object(await asyncio.to_thread(owned, run_id, request))
 
-    @app.get(ROUTE + "/events")
+    @app.get(RUN + "/events")
     async def events(run_id: str, request: Request, after: int = Query(0, ge=0)) -> dict:
         await asyncio.to_thread(owned, run_id, request)
         found = await asyncio.to_thread(rows.list_events, store, run_id, after)
         return {"object": "list", "data": [event_object(e) for e in found], "has_more": False}
 
-    @app.post(ROUTE + "/cancel")
+    @app.post(RUN + "/cancel")
     async def cancel(run_id: str, request: Request) -> dict:
         row = await asyncio.to_thread(owned, run_id, request)
         values = {"status": "cancelled", "finished_at": db.now()}
@@ -213,61 +329,3 @@ def install(app, ctx: PlatformContext) -> None:
             )
         await asyncio.to_thread(rows.add_event, store, run_id, "cancelled")
         return run_object(rows.get(store, run_id))
-
-
-def check(ctx: PlatformContext, runner: FlywheelRunner, body: RunRequest, request: Request) -> dict:
-    """The run's spec as stored, or the 4xx that names what to change."""
-    if ctx.state.tuning is None:
-        raise InvalidRequest(
-            "a flywheel run tunes an adapter: start the server with --fine-tuning",
-            param=None,
-            code="fine_tuning_disabled",
-        )
-    if runner.parts.alias(ctx, body.alias, ctx.tenant_of(request)) is None:
-        raise Refusal(
-            404, f"no alias named '{body.alias}'; create it with POST /v1/aliases", "alias", "alias_not_found"
-        )
-    traces = body.traces.model_dump(exclude={"api_key"})
-    traces["tenant"] = ctx.tenant_of(request)
-    if body.traces.api_key is not None:
-        if not any(hmac.compare_digest(body.traces.api_key.encode(), k.encode()) for k in ctx.state.api_keys):
-            raise InvalidRequest(
-                "traces.api_key is not one of this server's API keys", param="traces.api_key"
-            )
-        traces["tenant"] = ctx.state.tenant(body.traces.api_key)
-    # The job's options are checked now, so that a bad one is a 400 here, not a failed run later.
-    job = JobRequest(
-        model=ctx.model_name,
-        training_file="file-checked-at-run",
-        suffix=suffix(body.alias),
-        method={"type": "supervised", "supervised": {"hyperparameters": body.hyperparameters or {}}},
-        lora=body.lora,
-        max_len=body.max_len,
-    )
-    hyper = job_spec(job)["hyperparameters"]
-    try:
-        gate = Gate(**body.gate.model_dump())
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="gate") from None
-    check_criteria(body.eval.testing_criteria, "eval.testing_criteria")
-    check_input_messages(body.eval.input_messages, "eval.input_messages")
-    check_sampling_params(body.eval.sampling_params, "eval.sampling_params")
-    names = [c["name"] for c in body.eval.testing_criteria]
-    if gate.primary is not None and gate.primary not in names:
-        raise InvalidRequest(
-            f"gate.primary '{gate.primary}' is not a criterion; criteria: {', '.join(names)}",
-            param="gate.primary",
-        )
-    return {
-        "alias": body.alias,
-        "traces": traces,
-        "relabel_with": body.relabel_with.model_dump() if body.relabel_with else None,
-        "eval": body.eval.model_dump(),
-        "hyperparameters": hyper,
-        "lora": body.lora,
-        "max_len": body.max_len,
-        "seed": body.seed,
-        "min_examples": body.min_examples,
-        "gate": gate.as_dict(),
-        "metadata": body.metadata,
-    }

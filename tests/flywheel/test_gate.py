@@ -39,9 +39,9 @@ def test_the_latency_guard():
 
 
 def test_traces_filters_and_tags():
-    assert parse_traces("tag=support, model=m,min_score=0.5,since=10,limit=3") == {
-        "metadata": {"tag": "support"}, "model": "m", "min_score": 0.5, "since": 10, "limit": 3}  # fmt: skip
+    assert parse_traces("tag=support, model=m,min_score=0.5,created_after=10,limit=3") == {
+        "metadata": {"tag": "support"}, "model": "m", "min_score": 0.5, "created_after": 10, "limit": 3}  # fmt: skip
     assert parse_traces("") == {}
-    for bad in ("tag", "since=yesterday"):
+    for bad in ("tag", "created_after=yesterday"):
         with pytest.raises(typer.BadParameter):
             parse_traces(bad)

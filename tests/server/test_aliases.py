@@ -121,7 +121,7 @@ def sdk(server, key: str = KEY) -> openai.OpenAI:
 
 def call(server, method: str, path: str, key: str | None = ADMIN, **kw) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.request(method, server[0] + path, headers=headers, timeout=10, **kw)
+    return httpx.request(method, server[0] + path, headers=headers, timeout=60, **kw)
 
 
 def answer(server, model: str = "support-bot", key: str = KEY) -> str:
@@ -133,6 +133,7 @@ def answer(server, model: str = "support-bot", key: str = KEY) -> str:
 
 def test_the_admin_points_an_alias_and_every_key_uses_and_reads_it(server, root):
     made = call(server, "POST", "/v1/aliases", json={"name": "support-bot", "adapter": "tuned"})
+    assert made.status_code == 200, made.text
     assert made.status_code == 200, made.text
     v1 = made.json()["current"]
     assert made.json()["version"] == 1 and v1["source"] == "adapter" and v1["adapter"] == "tuned"
@@ -155,7 +156,9 @@ def test_the_admin_points_an_alias_and_every_key_uses_and_reads_it(server, root)
     cards = {m.id: m for m in sdk(server).models.list().data}
     assert cards["support-bot"].model_extra["alias"]["version"] == 3
     assert cards["support-bot"].model_extra["alias"]["adapter"] == FT
-    assert not any("@v" in name for name in cards)  # the versions' own adapters are not listed
+    assert not any(
+        name.startswith("support-bot.v") for name in cards
+    )  # the versions' own adapters are not listed
     assert sdk(server).models.retrieve("support-bot").model_extra["parent"] == MODEL
 
     seen = call(server, "GET", "/v1/aliases/support-bot", key=KEY).json()
@@ -172,7 +175,7 @@ def test_the_admin_points_an_alias_and_every_key_uses_and_reads_it(server, root)
     with pytest.raises(openai.NotFoundError):
         answer(server)
     assert call(server, "GET", "/v1/aliases/support-bot", key=KEY).status_code == 404
-    _eventually(lambda: not any(n.startswith("support-bot@") for n in server[1].adapters))
+    _eventually(lambda: not any(n.startswith("support-bot.v") for n in server[1].adapters))
 
 
 def test_only_the_admin_key_writes_aliases(server):
@@ -259,7 +262,6 @@ def test_aliases_survive_a_restart(root, server):
     engine = AliasEngine()  # a fresh process: nothing loaded
     with _server(root, engine) as (url, _):
         restarted = (url, engine)
-        _eventually(lambda: call(restarted, "GET", "/v1/aliases/durable").json()["status"] == "serving")
         seen = call(restarted, "GET", "/v1/aliases/durable").json()
         assert [v["version"] for v in seen["history"]] == [2, 1]
         assert seen["created_at"] == made["created_at"] and seen["current"]["adapter"] == FT
@@ -290,6 +292,36 @@ def test_an_alias_whose_adapter_is_gone_after_a_restart_says_so(root, server, tm
         assert fixed.json()["status"] == "serving" and answer(restarted, "fragile") == "lora=None done"
 
 
+def test_a_repoint_while_the_restart_loads_the_alias_is_not_undone(root, server):
+    assert call(server, "POST", "/v1/aliases", json={"name": "racy", "adapter": "tuned"}).status_code == 200
+
+    class Slow(AliasEngine):
+        gate = threading.Event()
+
+        async def add_lora(self, name: str, path: str) -> None:
+            while not self.gate.is_set():
+                await asyncio.sleep(0.01)
+            await super().add_lora(name, path)
+
+    engine = Slow()
+    with _server(root, engine) as (url, _):
+        restarted = (url, engine)
+        loading = call(restarted, "GET", "/v1/aliases/racy").json()
+        assert loading["status"] == "unavailable" and "loading" in loading["status_details"]
+        with pytest.raises(openai.InternalServerError):
+            answer(restarted, "racy")  # 503 until loaded
+        answers: list = []
+        repoint = threading.Thread(
+            target=lambda: answers.append(call(restarted, "PUT", "/v1/aliases/racy", json={"model": MODEL}))
+        )
+        repoint.start()
+        time.sleep(0.2)
+        engine.gate.set()  # the restore finishes, then the repoint that waited for it
+        repoint.join(timeout=30)
+        assert answers[0].json()["version"] == 2
+        assert answer(restarted, "racy") == "lora=None done"
+
+
 def test_adapters_routes_keep_out_of_aliases_way(server):
     v1 = call(server, "POST", "/v1/aliases", json={"name": "guarded", "adapter": "tuned"}).json()["current"]
     clash = call(server, "POST", "/v1/adapters", json={"name": "guarded", "path": "/x"})
@@ -303,3 +335,83 @@ def _eventually(check, timeout: float = 10.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "the condition never held"
         time.sleep(0.05)
+
+
+# -- over the real engine: a small random model and PEFT adapters ------------------------------------------
+
+PROMPT = [5, 17, 300, 42, 7, 900] * 3
+LONG_RUN = 96  # tokens: the stream is still running when the repoint has been answered
+
+
+@pytest.fixture(scope="module")
+def real(random_model_dirs, tmp_path_factory):
+    from ember import AsyncEngine, CacheConfig, EngineConfig, LoRAConfig
+    from tests.lora.test_lora import ADAPTERS, _build
+
+    base_dir = random_model_dirs["llama-gqa"]
+    root = tmp_path_factory.mktemp("alias-adapters")
+    for i, name in enumerate(("qv4", "mlp16")):
+        _build(base_dir, root / "adapters" / name, *ADAPTERS[name], seed=i)
+    engine = AsyncEngine(
+        EngineConfig(
+            model=str(base_dir),
+            cache=CacheConfig(num_blocks=256),
+            lora=LoRAConfig(enabled=True, max_loras=2, max_rank=16),
+        ),
+        mode="thread",
+    )
+    try:
+        with _server(root, engine) as (url, _):
+            yield (url,), engine, root
+    finally:
+        engine.shutdown()
+
+
+def _text(server, model: str, max_tokens: int = 12) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    r = call(server, "POST", "/v1/completions", key=KEY, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_over_the_real_engine_a_stream_finishes_on_the_adapter_it_was_admitted_to(real):
+    server, engine, root = real
+    made = call(
+        server, "POST", "/v1/aliases", json={"name": "bot", "adapter_path": str(root / "adapters/qv4")}
+    )
+    assert made.status_code == 200, made.text
+    v1 = made.json()["current"]
+    alone = _text(server, v1["served_as"], LONG_RUN)
+    body = {"model": "bot", "prompt": PROMPT, "max_tokens": LONG_RUN, "temperature": 0, "ignore_eos": True}
+    text = ""
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        server[0] + "/v1/completions",
+        json={**body, "stream": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as stream:
+        lines = stream.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+                break
+        v2 = call(server, "PUT", "/v1/aliases/bot", json={"adapter_path": str(root / "adapters/mlp16")})
+        repointed = time.monotonic()
+        running = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+        assert v2.status_code == 200, v2.text
+        for line in lines:
+            if line.startswith("data: {"):
+                text += json.loads(line[6:])["choices"][0]["text"]
+    print(f"repoint after {repointed - started:.2f}s, stream done after {time.monotonic() - started:.2f}s")
+    assert 'ember:num_requests_running{model_name="smollm2-135m-instruct"} 1.0' in running
+    assert text == alone  # token for token what v1 alone writes
+    assert (
+        _text(server, "bot")
+        == _text(server, v2.json()["current"]["served_as"])
+        != _text(server, v1["served_as"])
+    )
+    call(server, "PUT", "/v1/aliases/bot", json={"model": MODEL})
+    _eventually(lambda: v1["served_as"] not in engine.adapters)
+    assert _text(server, "bot") == _text(server, MODEL)

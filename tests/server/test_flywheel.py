@@ -11,7 +11,7 @@ import time
 import pytest
 from starlette.testclient import TestClient
 
-from ember.flywheel import parts as real_parts
+from ember.flywheel.dataset import Dataset, export
 from ember.flywheel.loop import Parts
 from ember.server.app import ServerState, create_app
 from ember.server.tuning_api import Tuning
@@ -57,11 +57,10 @@ class Script:
             self.asked.append(traces)
             if self.hold is not None:
                 await self.hold.wait()
-            rows = [
-                {"messages": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "a"}]}
-            ] * 4
-            file_id = await asyncio.to_thread(real_parts._save, ctx, owner, rows, name)
-            return {"file_id": file_id, "examples": len(rows), "selected": len(rows)}
+            line = {"messages": [{"role": "user", "content": "d"}, {"role": "assistant", "content": "a"}]}
+            made = Dataset("sft", [line] * 4, ["trace"] * 4)
+            row = await asyncio.to_thread(export, ctx.platform, owner, made, name + ".jsonl")
+            return {"file_id": row["id"], "examples": 4, "selected": 4}
 
         async def compare(call, eval_spec, model_a, model_b, tenant, gate, progress):
             return {
