@@ -10,6 +10,7 @@ import typer
 
 from ember.config import DeploymentSpec
 from ember.config.cli import build_spec, schema_command
+from ember.evals.cli import eval_command
 from ember.flywheel.cli import flywheel
 from ember.models.catalog import DEFAULT_MODEL
 from ember.tune.cli import tune_app
@@ -26,6 +27,7 @@ app.add_typer(bench_app, name="bench")
 models_app = typer.Typer(help="The models ember knows: catalog, imported, cached.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(tune_app, name="tune")
+app.command("eval")(eval_command)
 app.command("flywheel")(flywheel)
 
 

@@ -15,13 +15,13 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ember.evals.graders import Grade, Judge, check_criteria, grade, pairwise
+from ember.errors import InvalidRequest
+from ember.evals.criteria import check_criteria
+from ember.evals.evaluate import CONCURRENCY, DEFAULT_SAMPLING, grade_all
+from ember.evals.graders import Grade, GradeError, Judge, pairwise
 from ember.evals.sampling import check_input_messages, check_sampling_params, sample
 from ember.evals.stats import CONFIDENCE, N_BOOT, bootstrap_mean, bootstrap_paired_diff
 from ember.server.platform import BATCH_PRIORITY, Caller, CallResult
-
-DEFAULT_SAMPLING = {"temperature": 0.0}  # greedy: a difference between models is not sampling noise
-CONCURRENCY = 16
 
 
 @dataclass
@@ -149,7 +149,7 @@ async def _grade_pair(criterion: dict, item: dict, sa: dict, sb: dict, judge: Ju
             ga = await pairwise(
                 criterion, spaces, sa["output_text"], sb["output_text"], judge, ("model_a", "model_b")
             )
-        except Exception as exc:  # a judge failure is this item's error, not the comparison's
+        except (GradeError, InvalidRequest) as exc:  # this item's error, not the comparison's
             miss = Grade(name, kind, None, False, error=str(exc))
             return miss, miss
         gb = Grade(
@@ -157,13 +157,8 @@ async def _grade_pair(criterion: dict, item: dict, sa: dict, sb: dict, judge: Ju
         )
         return ga, gb
 
-    async def side(s: dict) -> Grade:
-        if s["error"] is not None:
-            return Grade(name, kind, None, False, error="the model gave no answer: " + s["error"]["message"])
-        return await grade(criterion, item, s, judge)
-
-    ga, gb = await asyncio.gather(side(sa), side(sb))
-    return ga, gb
+    ga, gb = await asyncio.gather(*(grade_all([criterion], item, s, judge) for s in (sa, sb)))
+    return ga[0], gb[0]
 
 
 def _summarize(criterion: dict, ra: list[dict], rb: list[dict], seed: int, n_boot: int, confidence: float):

@@ -5,8 +5,8 @@ passed, and for a judge the judge's own sample):
 - `string_check`: eq, ne, like (the reference is a substring of the input), ilike (the same, ignoring
   case); score 1 or 0.
 - `text_similarity`: fuzzy_match (rapidfuzz's ratio), bleu (sacrebleu's sentence BLEU), gleu (NLTK's
-  sentence GLEU), rouge_1..rouge_5 and rouge_l (rouge-score's F-measure); a score in [0, 1], passed at
-  `pass_threshold`.
+  sentence GLEU), rouge_1..rouge_5 and rouge_l (rouge-score's F-measure), a score in [0, 1]; cosine
+  (of the two texts' embeddings from the server's /v1/embeddings); passed at `pass_threshold`.
 - `python`: the user's `grade(sample, item) -> float`, run in the sandbox of ember.evals.sandbox.
 - `score_model` / `label_model`: an LLM judge asked through `call("/v1/chat/completions", ...)` with a
   json_schema response_format, so its answer always parses: {"score": number} clamped to `range`, or
@@ -25,18 +25,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ember.errors import InvalidRequest
 from ember.evals import sandbox
-from ember.evals.template import content_text, render, render_messages
+from ember.evals.criteria import EMBEDDING_MODEL
+from ember.evals.template import render, render_messages
 from ember.server.platform import BATCH_PRIORITY, Caller
 
-STRING_OPS = ("eq", "ne", "like", "ilike")
-SIMILARITY = ("fuzzy_match", "bleu", "gleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l")
-UNAVAILABLE = {"cosine": "an embeddings model call", "meteor": "NLTK's WordNet data, which is not installed"}
-TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "pairwise_model")
 JUDGE_MAX_TOKENS = 64  # a verdict is a few tokens of JSON; the schema ends it
-MAX_SANDBOX_S = 60.0
-MAX_SANDBOX_MB = 4096
 
 PAIRWISE_SYSTEM = (
     "You compare two responses to the same task and decide which one is better. Judge correctness "
@@ -65,11 +62,13 @@ class Judge:
 
     async def ask(self, grader: dict, messages: list[dict], name: str, schema: dict) -> tuple[Any, dict]:
         """The judge's parsed JSON answer and its sample (OpenAI's result.sample: input, output, usage)."""
-        params = grader.get("sampling_params") or {}
+        params = grader.get("sampling_params") or {}  # OpenAI's graders spell it max_completions_tokens
         body = {
             "model": grader["model"],
             "messages": messages,
-            "max_tokens": params.get("max_completions_tokens") or JUDGE_MAX_TOKENS,
+            "max_tokens": params.get("max_completions_tokens")
+            or params.get("max_completion_tokens")
+            or JUDGE_MAX_TOKENS,
             "temperature": params.get("temperature", 0.0),
             "response_format": {
                 "type": "json_schema",
@@ -119,163 +118,6 @@ class Grade:
         return {**out, **self.extra}
 
 
-def check_criteria(criteria: Any, param: str = "testing_criteria") -> list[dict]:
-    """The testing criteria as given, each checked: InvalidRequest naming the field at fault."""
-    if not isinstance(criteria, list) or not criteria:
-        raise InvalidRequest(f"{param} must be a non-empty list of graders", param=param)
-    names = set()
-    for i, grader in enumerate(criteria):
-        at = f"{param}[{i}]"
-        if not isinstance(grader, dict):
-            raise InvalidRequest(f"{at} must be an object", param=at)
-        kind = grader.get("type")
-        if kind not in TYPES:
-            raise InvalidRequest(
-                f"{at}.type {kind!r} is not a grader; one of: {', '.join(TYPES)}", param=at + ".type"
-            )
-        _text(grader, "name", at)
-        if grader["name"] in names:
-            raise InvalidRequest(f"{at}.name {grader['name']!r} is used twice", param=at + ".name")
-        names.add(grader["name"])
-        _CHECKS[kind](grader, at)
-    return criteria
-
-
-def _text(grader: dict, key: str, at: str, required: bool = True) -> None:
-    if key not in grader and not required:
-        return
-    if not isinstance(grader.get(key), str):
-        raise InvalidRequest(f"{at}.{key} must be a string", param=f"{at}.{key}")
-
-
-def _number(grader: dict, key: str, at: str, required: bool = False) -> None:
-    value = grader.get(key)
-    if value is None and not required:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidRequest(f"{at}.{key} must be a number", param=f"{at}.{key}")
-
-
-def _check_string(g: dict, at: str) -> None:
-    _text(g, "input", at)
-    _text(g, "reference", at)
-    if g.get("operation") not in STRING_OPS:
-        raise InvalidRequest(
-            f"{at}.operation must be one of {', '.join(STRING_OPS)}, got {g.get('operation')!r}",
-            param=at + ".operation",
-        )
-
-
-def _check_similarity(g: dict, at: str) -> None:
-    _text(g, "input", at)
-    _text(g, "reference", at)
-    metric = g.get("evaluation_metric")
-    if metric in UNAVAILABLE:
-        raise InvalidRequest(
-            f"{at}.evaluation_metric '{metric}' is not available here (it needs {UNAVAILABLE[metric]}); "
-            f"one of: {', '.join(SIMILARITY)}",
-            param=at + ".evaluation_metric",
-        )
-    if metric not in SIMILARITY:
-        raise InvalidRequest(
-            f"{at}.evaluation_metric must be one of {', '.join(SIMILARITY)}, got {metric!r}",
-            param=at + ".evaluation_metric",
-        )
-    _number(g, "pass_threshold", at, required=True)
-
-
-def _check_python(g: dict, at: str) -> None:
-    _text(g, "source", at)
-    try:
-        compile(g["source"], "<grader>", "exec")
-    except SyntaxError as exc:
-        raise InvalidRequest(f"{at}.source does not compile: {exc}", param=at + ".source") from None
-    _number(g, "pass_threshold", at)
-    _number(g, "timeout_s", at)
-    _number(g, "memory_limit_mb", at)
-    if not 0 < g.get("timeout_s", 1) <= MAX_SANDBOX_S:
-        raise InvalidRequest(f"{at}.timeout_s must be in (0, {MAX_SANDBOX_S:g}]", param=at + ".timeout_s")
-    if not 16 <= g.get("memory_limit_mb", 512) <= MAX_SANDBOX_MB:
-        raise InvalidRequest(
-            f"{at}.memory_limit_mb must be in [16, {MAX_SANDBOX_MB}]", param=at + ".memory_limit_mb"
-        )
-
-
-def _check_messages(g: dict, at: str, required: bool = True) -> None:
-    messages = g.get("input")
-    if messages is None and not required:
-        return
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest(f"{at}.input must be a non-empty list of messages", param=at + ".input")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("user", "assistant", "system", "developer"):
-            raise InvalidRequest(
-                f"{at}.input[{j}] must be a message with role user, assistant, system or developer",
-                param=f"{at}.input[{j}]",
-            )
-        try:
-            content_text(m.get("content"))
-        except InvalidRequest as exc:
-            raise InvalidRequest(
-                f"{at}.input[{j}].content: {exc}", param=f"{at}.input[{j}].content"
-            ) from None
-
-
-def _check_model(g: dict, at: str) -> None:
-    _text(g, "model", at)
-    params = g.get("sampling_params")
-    if params is not None and not isinstance(params, dict):
-        raise InvalidRequest(f"{at}.sampling_params must be an object", param=at + ".sampling_params")
-
-
-def _check_score(g: dict, at: str) -> None:
-    _check_model(g, at)
-    _check_messages(g, at)
-    lo_hi = g.get("range", [0, 1])
-    if (
-        not isinstance(lo_hi, list)
-        or len(lo_hi) != 2
-        or not all(isinstance(x, int | float) and not isinstance(x, bool) for x in lo_hi)
-        or lo_hi[0] >= lo_hi[1]
-    ):
-        raise InvalidRequest(f"{at}.range must be [low, high] with low < high", param=at + ".range")
-    _number(g, "pass_threshold", at)
-
-
-def _check_label(g: dict, at: str) -> None:
-    _check_model(g, at)
-    _check_messages(g, at)
-    labels = g.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-        raise InvalidRequest(f"{at}.labels must be a non-empty list of strings", param=at + ".labels")
-    passing = g.get("passing_labels")
-    if not isinstance(passing, list) or not passing or not set(passing) <= set(labels):
-        raise InvalidRequest(
-            f"{at}.passing_labels must be a non-empty subset of labels", param=at + ".passing_labels"
-        )
-
-
-def _check_pairwise(g: dict, at: str) -> None:
-    _check_model(g, at)
-    _text(g, "prompt", at, required=False)
-    _text(g, "reference", at, required=False)
-    _text(g, "instructions", at, required=False)
-    _number(g, "pass_threshold", at)
-
-
-_CHECKS = {
-    "string_check": _check_string,
-    "text_similarity": _check_similarity,
-    "python": _check_python,
-    "score_model": _check_score,
-    "label_model": _check_label,
-    "pairwise_model": _check_pairwise,
-}
-
-
-# -- grading -------------------------------------------------------------------------------------------
-
-
 async def grade(grader: dict, item: dict, sample: dict, judge: Judge | None) -> Grade:
     """One checked criterion's grade of `sample` (the namespace `{{sample.*}}`: output_text, output_json,
     model, ...) for `item` (`{{item.*}}`). A failure to grade is a Grade with `error` set, never raised."""
@@ -296,7 +138,11 @@ async def grade(grader: dict, item: dict, sample: dict, judge: Judge | None) -> 
             return await (_score_model if kind == "score_model" else _label_model)(grader, spaces, judge)
         if kind == "python":
             return await _python(grader, item, sample)
-        score = _STATIC[kind](grader, render(grader["input"], spaces), render(grader["reference"], spaces))
+        text, reference = render(grader["input"], spaces), render(grader["reference"], spaces)
+        if grader.get("evaluation_metric") == "cosine":
+            score = await _cosine(grader, text, reference, judge)
+        else:
+            score = _STATIC[kind](grader, text, reference)
     except (GradeError, InvalidRequest) as exc:
         return Grade(name, kind, None, False, error=str(exc))
     threshold = grader.get("pass_threshold", 1.0)
@@ -335,6 +181,25 @@ def text_similarity(grader: dict, text: str, reference: str) -> float:
 
 
 _STATIC = {"string_check": string_check, "text_similarity": text_similarity}
+
+
+async def _cosine(grader: dict, text: str, reference: str, judge: Judge | None) -> float:
+    """The cosine similarity of the two texts' embeddings, from the server's /v1/embeddings (`model`:
+    the embeddings model, by default the one `ember serve` serves)."""
+    if judge is None:
+        raise GradeError("the cosine metric needs an embeddings model to call")
+    model = grader.get("model", EMBEDDING_MODEL)
+    body = {"model": model, "input": [text, reference], "encoding_format": "float"}
+    result = await judge.call("/v1/embeddings", body, judge.tenant, judge.priority)
+    if not result.ok:
+        message = (result.body.get("error") or {}).get("message", result.body)
+        raise GradeError(f"the embeddings model '{model}' answered {result.status}: {message}")
+    a, b = (
+        np.asarray(d["embedding"], dtype=np.float64)
+        for d in sorted(result.body["data"], key=lambda d: d["index"])
+    )
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(a @ b / norm) if norm > 0 else 0.0
 
 
 async def _python(grader: dict, item: dict, sample: dict) -> Grade:

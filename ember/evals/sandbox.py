@@ -92,9 +92,10 @@ async def run_grader(
     """The score `grade(sample, item)` returns, or why there is none (an exception, a limit)."""
     limits = json.dumps({"memory": int(memory_bytes), "cpu": max(1, int(timeout_s + 0.999))})
     job = json.dumps({"source": source, "sample": sample, "item": item}).encode()
+    isolation = await asyncio.to_thread(network_isolation)  # probed once, off the event loop
     with tempfile.TemporaryDirectory(prefix="ember-grader-") as cwd:
         proc = await asyncio.create_subprocess_exec(
-            *network_isolation(),
+            *isolation,
             sys.executable,
             "-I",
             "-c",

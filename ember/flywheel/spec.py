@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 
 from ember.errors import InvalidRequest
-from ember.evals.graders import check_criteria
+from ember.evals.criteria import check_criteria
 from ember.evals.sampling import check_input_messages, check_sampling_params
 from ember.flywheel.gate import Gate
 from ember.flywheel.loop import Parts, suffix

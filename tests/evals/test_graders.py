@@ -10,8 +10,10 @@ import json
 import pytest
 
 from ember.errors import InvalidRequest
-from ember.evals.graders import Judge, check_criteria, grade
+from ember.evals.criteria import check_criteria
+from ember.evals.graders import Judge, grade
 from ember.evals.template import render
+from ember.server.platform import CallResult
 from tests.evals.fake_caller import FakeCaller, fair_judge, first_judge
 
 ITEM = {"question": "2+2?", "answer": "4", "meta": {"tags": ["math", "easy"]}}
@@ -240,3 +242,30 @@ def test_a_judge_that_only_prefers_a_position_gives_a_tie():
     got = run(PAIRWISE, "four, that is 4", judge=Judge(FakeCaller({"judge": first_judge})))
     assert (got.score, got.passed, got.result()["verdict"]) == (0.5, False, "tie")
     assert [o["preferred"] for o in got.result()["orderings"]] == ["sample", "reference"]
+
+
+def test_cosine_asks_the_embeddings_endpoint():
+    class Embeddings:
+        calls = []
+
+        async def __call__(self, path, body, tenant, priority):
+            self.calls.append((path, body))
+            vectors = {"a b": [1.0, 0.0], "a c": [0.6, 0.8]}
+            data = [{"index": i, "embedding": vectors[t]} for i, t in enumerate(body["input"])]
+            return CallResult(200, {"object": "list", "data": data[::-1]})  # any order: by index
+
+    caller = Embeddings()
+    g = {
+        "type": "text_similarity",
+        "name": "c",
+        "evaluation_metric": "cosine",
+        "input": "a b",
+        "reference": "a c",
+        "pass_threshold": 0.5,
+    }
+    got = run(g, "", judge=Judge(caller))
+    assert got.score == pytest.approx(0.6) and got.passed
+    assert caller.calls[0] == (
+        "/v1/embeddings",
+        {"model": "all-minilm-l6-v2", "input": ["a b", "a c"], "encoding_format": "float"},
+    )

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from ember.evals.graders import check_criteria, grade
+from ember.evals.criteria import check_criteria
+from ember.evals.graders import grade
 from ember.evals.sandbox import network_isolation, run_grader
 
 
