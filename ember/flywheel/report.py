@@ -50,11 +50,17 @@ def render(run: dict) -> str:
     comparison = run["comparison"]
     if comparison:
         base = run["baseline"] or {}
+        serves = base.get("serves") or {}
+        what = (
+            f"adapter `{serves['adapter']}`"
+            if serves.get("adapter")
+            else f"base model `{serves.get('model')}`"
+        )
         lines += [
             "## Evaluation",
             "",
             f"{comparison['items']} held-out items; baseline: `{spec['alias']}` at version "
-            f"{base.get('version')} ({base.get('serves')}); candidate: `{run['candidate']}`. "
+            f"{base.get('version')} ({what}); candidate: `{run['candidate']}`. "
             f"Paired bootstrap, {comparison['confidence']:.0%} interval.",
             "",
             "| criterion | baseline | candidate | difference | interval |",
