@@ -11,6 +11,7 @@ import typer
 from ember.config import DeploymentSpec
 from ember.config.cli import build_spec, schema_command
 from ember.evals.cli import eval_command
+from ember.flywheel.cli import flywheel
 from ember.gateway.cli import keys_app
 from ember.models.catalog import DEFAULT_MODEL
 from ember.tune.cli import tune_app
@@ -29,6 +30,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(tune_app, name="tune")
 app.add_typer(keys_app, name="keys")
 app.command("eval")(eval_command)
+app.command("flywheel")(flywheel)
 
 
 def _version(value: bool) -> None:

@@ -531,7 +531,7 @@ def _install_platform(app: FastAPI, ctx: PlatformContext) -> None:
 
 def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, state: ServerState) -> None:
     """The fine-tuning routes over `tuning` (ember.server.tuning_api.Tuning)."""
-    from ember.server.tuning_api import install_tuning
+    from ember.server.tuning_api import install_tuning, served_base
 
     def tenant_of(request: Request) -> str | None:
         return state.tenant(getattr(request.state, "api_key", None))
@@ -539,11 +539,7 @@ def _install_tuning(app: FastAPI, tuning, engine: AsyncEngine, model_name: str, 
     def caller(request: Request) -> tuple[str | None, bool]:
         return tenant_of(request), bool(getattr(request.state, "admin", False))
 
-    config = getattr(engine, "config", None)
-    source = getattr(config, "model", None) or model_name
-    lora = getattr(config, "lora", None)
-    template = getattr(config, "chat_template", None)
-    max_rank = getattr(lora, "max_rank", None)
+    source, template, max_rank = served_base(engine, model_name)
     install_tuning(app, tuning.store, tuning.runner, model_name, source, caller, max_rank, template)
 
 

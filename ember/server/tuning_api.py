@@ -73,6 +73,73 @@ def checkpoint_object(row: dict, job: dict) -> dict:
     }
 
 
+def served_base(engine, model_name: str) -> tuple[str, str | None, int | None]:
+    """What a job on the served base model trains from: (the source the trainer loads, the chat template
+    the server renders with, the engine's largest LoRA rank; None where the engine does not say)."""
+    config = getattr(engine, "config", None)
+    lora = getattr(config, "lora", None)
+    source = getattr(config, "model", None) or model_name
+    return source, getattr(config, "chat_template", None), getattr(lora, "max_rank", None)
+
+
+async def submit(
+    store: Store,
+    runner: TuningRunner,
+    body: JobRequest,
+    tenant: str | None,
+    admin: bool,
+    source: str,
+    chat_template: str | None,
+    max_rank: int | None,
+) -> dict:
+    """Check a job request against `tenant`'s files and write the job, validating_files: the row. The route
+    and the flywheel (which tunes on the dataset it exported) create jobs through this one path.
+    `chat_template`: the one the server renders the base model with (trained on, so the adapter sees
+    prompts as served); `admin`: the adapter is served to every key, else to `tenant` only."""
+    spec = job_spec(body, max_rank)
+    if chat_template is not None:
+        spec["chat_template"] = chat_template
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(body, param)
+        if file_id is None:
+            continue
+        row = owned_file(store, file_id, tenant, param=param)
+        if row["purpose"] != "fine-tune":
+            raise InvalidRequest(
+                f"{param} {file_id} was uploaded with purpose '{row['purpose']}'; fine-tuning takes files "
+                "of purpose 'fine-tune'",
+                param=param,
+                code="invalid_file_purpose",
+            )
+    job_id = db.new_id("ftjob")
+    name = f"ft:{body.model}:{body.suffix or ''}:{job_id.removeprefix('ftjob-')}"
+    row = {
+        "id": job_id,
+        "tenant": tenant,
+        "owner": None if admin else tenant,
+        "model": body.model,
+        "source": source,
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "spec": spec,
+        "suffix": body.suffix,
+        "seed": body.seed if body.seed is not None else 42,
+        "metadata": body.metadata,
+        "status": "validating_files",
+        "error": None,
+        "fine_tuned_model": name,
+        "adapter_dir": None,
+        "trained_tokens": None,
+        "estimated_finish": None,
+        "created_at": db.now(),
+        "finished_at": None,
+    }
+    row = await asyncio.to_thread(store.insert, db.jobs, row)
+    await asyncio.to_thread(store.add_event, job_id, f"Validating training file: {body.training_file}")
+    runner.wake()
+    return row
+
+
 def install_tuning(
     router,
     store: Store,
@@ -112,47 +179,8 @@ def install_tuning(
     async def create(body: JobRequest, request: Request) -> dict:
         tenant, admin = caller(request)
         source = base_source(body.model)
-        spec = job_spec(body, max_rank)
-        if body.model == model_name and chat_template is not None:
-            spec["chat_template"] = chat_template  # train on the template the server renders with
-        for param in ("training_file", "validation_file"):
-            file_id = getattr(body, param)
-            if file_id is None:
-                continue
-            row = owned_file(store, file_id, tenant, param=param)
-            if row["purpose"] != "fine-tune":
-                raise InvalidRequest(
-                    f"{param} {file_id} was uploaded with purpose '{row['purpose']}'; fine-tuning takes files "
-                    "of purpose 'fine-tune'",
-                    param=param,
-                    code="invalid_file_purpose",
-                )
-        job_id = db.new_id("ftjob")
-        name = f"ft:{body.model}:{body.suffix or ''}:{job_id.removeprefix('ftjob-')}"
-        row = {
-            "id": job_id,
-            "tenant": tenant,
-            "owner": None if admin else tenant,
-            "model": body.model,
-            "source": source,
-            "training_file": body.training_file,
-            "validation_file": body.validation_file,
-            "spec": spec,
-            "suffix": body.suffix,
-            "seed": body.seed if body.seed is not None else 42,
-            "metadata": body.metadata,
-            "status": "validating_files",
-            "error": None,
-            "fine_tuned_model": name,
-            "adapter_dir": None,
-            "trained_tokens": None,
-            "estimated_finish": None,
-            "created_at": db.now(),
-            "finished_at": None,
-        }
-        row = await asyncio.to_thread(store.insert, db.jobs, row)
-        await asyncio.to_thread(store.add_event, job_id, f"Validating training file: {body.training_file}")
-        runner.wake()
+        template = chat_template if body.model == model_name else None
+        row = await submit(store, runner, body, tenant, admin, source, template, max_rank)
         return job_object(row)
 
     @router.get("/v1/fine_tuning/jobs")

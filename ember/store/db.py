@@ -98,6 +98,7 @@ FEATURE_TABLES = (
     "ember.store.responses",
     "ember.store.batches",
     "ember.store.keys",
+    "ember.store.flywheel",
 )
 
 
