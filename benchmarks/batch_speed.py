@@ -4,7 +4,9 @@ least as fast).
 
 Each round runs both modes, alternating which goes first; every request of a (round, mode) starts with its
 own nonce, so neither mode is served from the prefix cache the other one filled. Lines in a mode share a
-system prompt after the nonce, as a real batch's lines often do.
+system prompt after the nonce, as a real batch's lines often do. Between modes the server rests `--gap`
+seconds: longer than the scheduler's background grace (`--background-grace-s`, 1 s), during which batch
+work right after interactive work still gets only its small share, so each mode starts on an idle server.
 
     python benchmarks/batch_speed.py --n 64 --max-tokens 32 --rounds 3
     python benchmarks/batch_speed.py --url http://127.0.0.1:8000   # a server already running
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--system-repeat", type=int, default=1, help="the shared system prompt, this many times")
     ap.add_argument("--poll", type=float, default=0.1, help="seconds between batch status polls")
+    ap.add_argument("--gap", type=float, default=1.5, help="idle seconds before each mode (> the grace)")
     ap.add_argument("--url", default=None, help="a running server (default: start `ember serve`)")
     ap.add_argument("--serve-arg", action="append", default=[], help="extra `ember serve` argument")
     args = ap.parse_args()
@@ -129,6 +132,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = ("batch", "online") if r % 2 == 0 else ("online", "batch")
             for mode in order:
+                time.sleep(args.gap)
                 reqs = bodies(args.n, args.max_tokens, f"round {r} {mode}", args.system_repeat)
                 if mode == "batch":
                     wall, tokens = batch(client, reqs, args.poll)
