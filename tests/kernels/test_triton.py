@@ -11,15 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ember.backends import reference
 from ember.kernels.triton import unavailable_reason
+from ember.models.attention import AttentionMetadata, PrefillChunk, _prefill, decode_reference
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 
 if unavailable_reason() is None:
     from ember.kernels.triton import attention, cache, lora, norm
-
-from ember.backends import reference
-from ember.models.attention import AttentionMetadata, PrefillChunk, _prefill, decode_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BS = 16  # tokens per KV block
