@@ -109,16 +109,19 @@ class DecodeGraphs:
         b = self.size_for(n)
         if b is None:
             raise ValueError(f"a decode batch of {n} is past the largest captured size {self.max_batch}")
+        width = self._host.shape[1] - 4
         host = self._host[:b]
-        host.zero_()
-        host[:, 2] = -1  # spare rows: no KV slot
-        host[:, 3] = 1
-        host[:n, 0] = torch.tensor(input_ids)
-        host[:n, 1] = torch.tensor(positions)
-        host[:n, 2] = torch.tensor(slots)
-        host[:n, 3] = torch.tensor(context_lens)
-        for i, table in enumerate(block_tables):
-            host[i, 4 : 4 + len(table)] = torch.tensor(table)
+        host[n:] = 0
+        host[n:, 2] = -1  # spare rows: no KV slot, a context of 1 (block 0 is read, the result dropped)
+        host[n:, 3] = 1
+        host[:n] = torch.tensor(
+            [
+                [tok, pos, slot, ctx, *table, *[0] * (width - len(table))]
+                for tok, pos, slot, ctx, table in zip(
+                    input_ids, positions, slots, context_lens, block_tables, strict=True
+                )
+            ]
+        )
         staged = host.to(self.device, non_blocking=True)
         self.input_ids[:b] = staged[:, 0]
         self.positions[:b] = staged[:, 1]
