@@ -132,3 +132,24 @@ def test_lora_kernel_matches_the_reference_loop(model):
     model.set_backend(REFERENCE)
     torch.testing.assert_close(out[1][1], base[1][1], rtol=1e-4, atol=1e-4)  # the base row: no delta
     assert not torch.allclose(out[1][0], base[1][0], atol=1e-2)  # the adapters' rows: changed
+
+
+def test_registry_picks_the_cuda_backend_where_it_runs(monkeypatch):
+    from ember.backends import registry
+
+    monkeypatch.delenv("EMBER_CPU_KERNELS", raising=False)
+    monkeypatch.setattr(registry, "cuda_unavailable_reason", lambda: None)
+    assert registry.select_backend("cuda", torch.bfloat16) is cuda_backend()
+    monkeypatch.setattr(registry, "cuda_unavailable_reason", lambda: "no CUDA device")
+    assert registry.select_backend("cuda", torch.bfloat16) is REFERENCE
+
+
+def test_cuda_layout_and_memory_settings_refuse_what_cannot_run():
+    from ember.config.engine import CacheConfig
+    from ember.config.schema import ConfigError
+
+    with pytest.raises(ValueError, match="--block-size 16, 32, 64"):
+        cuda_backend().kv_cache_layout(CFG, 8, torch.bfloat16)
+    with pytest.raises(ConfigError, match="fraction of the GPU's memory"):
+        CacheConfig(gpu_memory_utilization=1.5)
+    assert CacheConfig(kv_cache_memory="1GiB").kv_budget(torch.device("cpu")) == 2**30  # the CPU: as given

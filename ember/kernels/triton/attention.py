@@ -59,8 +59,8 @@ def _decode_split_kernel(
     per_split = tl.cdiv(max_blocks, SPLITS)
     first = s * per_split
     last = tl.minimum(first + per_split, n_blocks)
-    if window > 0:
-        first = tl.maximum(first, (ctx - window) // BS)
+    # Branch-free, so `first` keeps one type whichever way it goes (the compiler requires it).
+    first = tl.where(window > 0, tl.maximum(first, (ctx - window) // BS), first)
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, D)
@@ -215,9 +215,7 @@ def _prefill_kernel(
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         # Causal: no key past this tile's last query.
         last_pos = tl.minimum(ctx - qlen + (tile + 1) * BLOCK_M, ctx)
-        first = 0
-        if window > 0:
-            first = tl.maximum(0, (ctx - qlen + tile * BLOCK_M - window + 1) // BS)
+        first = tl.where(window > 0, tl.maximum(0, (ctx - qlen + tile * BLOCK_M - window + 1) // BS), 0)
         for blk in range(first, tl.cdiv(last_pos, BS)):
             phys = tl.load(tables_ptr + c * stride_tb + blk).to(tl.int64)
             kv = kvh * stride_kh + phys * stride_kb + t[:, None] * stride_ks + d[None, :]
