@@ -79,6 +79,7 @@ class ModelRunner:
         if (
             graphs is not None
             and all(n == 1 for _, _, n, _ in work)
+            and (num_logits is None or all(m == 1 for m in num_logits))
             and graphs.size_for(len(work)) is not None
             and (lora is None or self._lora_batch(work, lora_slots) is None)  # adapters: eager (shapes vary)
         ):

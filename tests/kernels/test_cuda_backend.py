@@ -153,3 +153,27 @@ def test_cuda_layout_and_memory_settings_refuse_what_cannot_run():
     with pytest.raises(ConfigError, match="fraction of the GPU's memory"):
         CacheConfig(gpu_memory_utilization=1.5)
     assert CacheConfig(kv_cache_memory="1GiB").kv_budget(torch.device("cpu")) == 2**30  # the CPU: as given
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: captures and replays CUDA graphs"
+)
+def test_decode_graph_replay_matches_eager(model):
+    """The same decode steps replayed from captured graphs and run eagerly, at a batch the graphs pad."""
+    eager = runner_on(model, cuda_backend())
+    graphed = runner_on(model, cuda_backend())
+    graphed.enable_decode_graphs(max_batch=5, max_model_len=64)
+    prompt = [[(TOKENS[:13], 0, 13, TABLE_A), (TOKENS[20:29], 0, 9, TABLE_B), (TOKENS[5:7], 0, 2, [2])]]
+    for runner in (eager, graphed):
+        run_steps(runner, prompt)
+    for step in range(3):
+        work = [
+            ([TOKENS[30 + step]], 13 + step, 1, TABLE_A),
+            ([TOKENS[31]], 9 + step, 1, TABLE_B),
+            ([TOKENS[32]], 2 + step, 1, [2]),
+        ]
+        torch.testing.assert_close(
+            run_steps(graphed, [work])[0], run_steps(eager, [work])[0], rtol=1e-4, atol=1e-4
+        )
+    model.set_backend(REFERENCE)
