@@ -371,7 +371,7 @@ def runner_for(model, blocks: int, max_batch: int, max_len: int, graphs: bool, d
 
 
 def hf_equality(device: torch.device, s: Shapes) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16
     hf, config = hf_model(s.small, device, dtype, std=0.05)
     model = ember_from(hf, config, device, dtype)
     gen = torch.Generator().manual_seed(7)
@@ -402,7 +402,7 @@ def hf_equality(device: torch.device, s: Shapes) -> dict:
 
 def measured_models(device: torch.device, s: Shapes):
     """The measured model twice over the same random weights: HF's and ember's (CUDA backend)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16
     hf, config = hf_model(s.model, device, dtype, std=0.02)
     return hf, ember_from(hf, config, device, dtype)
 
@@ -410,7 +410,11 @@ def measured_models(device: torch.device, s: Shapes):
 def decode_speed(device: torch.device, s: Shapes, copy_gbps: float | None, model: LlamaForCausalLM) -> dict:
     dtype = model.embed_tokens.weight.dtype
     cfg = model.config
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    # What a decode step reads: every weight but the embedding table, of which it reads b rows.
+    embed = model.embed_tokens.weight
+    weight_bytes = (
+        sum(p.numel() * p.element_size() for p in model.parameters()) - embed.numel() * embed.element_size()
+    )
     kv_per_token = (
         2
         * cfg.num_hidden_layers
