@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ember.models.attention import AttentionMetadata
+from ember.models.attention import AttentionMetadata, prefill_reference
 from ember.models.config import ModelConfig
 
 # x [M, K] float32 -> [M, N] float32: a block-quantized weight bound once (see Backend.block_linear)
@@ -98,6 +99,38 @@ class Backend:
         out: torch.Tensor,  # [B, Hq, D], contiguous: written
     ) -> None:
         raise NotImplementedError
+
+    @staticmethod
+    def prefill_attention(
+        q: torch.Tensor,  # [T, Hq, D]: the step's queries; the prefill chunks' rows are read
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,  # its prefills describe the chunks
+        scale: float,
+        out: torch.Tensor,  # [T, Hq, D]: the chunks' rows written
+    ) -> None:
+        """Each prefill chunk over its cached prefix and itself, causally: SDPA per chunk unless a backend
+        has a kernel for the whole step."""
+        prefill_reference(q, k_cache, v_cache, meta, scale, out)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, residual [T, H] -> (rms_norm(residual + x), residual + x): the decoder layer's residual add
+        and the norm after it, which a GPU backend fuses into one pass (that one updates `residual` in
+        place)."""
+        summed = residual + x
+        return self.rms_norm(summed, weight, eps), summed
+
+    @staticmethod
+    def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2 * I], gate first -> silu(gate) * up, [T, I]: SwiGLU's activation."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    # Adds each LoRA row's adapter delta for a whole batch in one call (ember.kernels.triton.lora); None:
+    # the reference loop over adapter slots in ember.models.lora.
+    lora_delta: Callable[..., None] | None = None
 
     @staticmethod
     def block_linear(

@@ -29,6 +29,14 @@ class CacheConfig:
     num_blocks: int | None = setting(
         None, help="KV blocks in the pool; overrides --kv-cache-memory (tests force tiny pools)", minimum=1
     )
+    gpu_memory_utilization: float = setting(
+        0.9,
+        help="on CUDA: the fraction of the GPU's memory ember may hold in all; the KV pool gets what the "
+        "loaded model leaves of it (replaces --kv-cache-memory there; activations and CUDA graphs come "
+        "out of the rest)",
+        minimum=0.01,
+        search=(0.8, 0.9, 0.95),
+    )
     enable_prefix_caching: bool = setting(
         True,
         help="reuse the KV of repeated prompt prefixes",
@@ -42,6 +50,29 @@ class CacheConfig:
         except ValueError as exc:
             raise ConfigError("kv_cache_memory", str(exc)) from None
         check(self)
+        if self.gpu_memory_utilization > 1:
+            raise ConfigError(
+                "gpu_memory_utilization",
+                f"is a fraction of the GPU's memory: 0.01..1 (got {self.gpu_memory_utilization})",
+            )
+
+    def kv_budget(self, device: torch.device) -> int:
+        """Bytes for the KV pool on `device`: --kv-cache-memory on the CPU; on CUDA, the share of the GPU's
+        memory --gpu-memory-utilization allows, less what is in use already (the model's weights, other
+        processes), read once the model is loaded."""
+        if device.type != "cuda":
+            return self.kv_cache_memory
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        budget = int(self.gpu_memory_utilization * total) - (total - free)
+        if budget <= 0:
+            raise ConfigError(
+                "gpu_memory_utilization",
+                f"{self.gpu_memory_utilization} of {format_bytes(total)} leaves no room for the KV cache: "
+                f"{format_bytes(total - free)} is in use once the model is loaded; raise it",
+            )
+        return budget
 
 
 @dataclass
@@ -191,6 +222,9 @@ class EngineConfig:
     seed: int = setting(0, help="seed for requests that give no seed of their own")
     chat_template: str | None = setting(
         None, help="a Jinja chat template (a file, or the template text) replacing the model's own"
+    )
+    enforce_eager: bool = setting(
+        False, help="on CUDA: run decode steps eagerly instead of replaying captured CUDA graphs"
     )
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

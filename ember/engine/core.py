@@ -66,7 +66,7 @@ class EngineCore:
             per_block += ModelRunner.bytes_per_block(
                 draft[1], cache.block_size, config.torch_dtype, self.model.backend
             )
-        num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
+        num_blocks = cache.num_blocks or max(1, cache.kv_budget(self.device) // per_block)
         log.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB%s)",
             num_blocks,
@@ -81,6 +81,8 @@ class EngineCore:
             enable_lora(self.model, lc.max_loras, lc.max_rank)
             self.lora = LoRAManager(self.model, self.model_config, lc.max_loras, lc.max_rank, lc.max_adapters)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.device)
+        if self.runner.backend.name == "cuda" and not config.enforce_eager:
+            self.runner.enable_decode_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.lora)
         self.requests: dict[str, Request] = {}
         self._grammars: GrammarCompiler | None = None  # made on first use

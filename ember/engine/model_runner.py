@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ember.backends import REFERENCE, Backend, select_backend
+from ember.engine.cuda_graphs import DecodeGraphs
 from ember.models.attention import AttentionMetadata, PrefillChunk
 from ember.models.llama import LlamaForCausalLM
 from ember.models.lora import LoRABatch
@@ -26,6 +27,22 @@ class ModelRunner:
         self.backend: Backend = getattr(model, "backend", None) or select_backend(device, dtype)
         self.kv_layout = self.backend.kv_cache_layout(cfg, block_size, dtype)
         self.kv_caches = self.kv_layout.allocate(num_blocks, device)  # per layer (K, V)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, max_batch: int, max_model_len: int, use_graphs: bool = True) -> None:
+        """Run decode-only steps of up to `max_batch` sequences through persistent buffers, replayed from
+        CUDA graphs (eagerly with use_graphs=False). Needs a backend whose KV write skips slot -1 and
+        whose ops read no lengths on the host: the CUDA backend's."""
+        if self.backend.name != "cuda":
+            raise ValueError(
+                f"decode graphs need the CUDA backend (this model runs on '{self.backend.name}')"
+            )
+        max_blocks = -(-max_model_len // self.block_size)
+        graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.block_size, max_batch, max_blocks, self.device, use_graphs
+        )
+        graphs.capture()
+        self.decode_graphs = graphs
 
     @staticmethod
     def bytes_per_block(model_cfg, block_size: int, dtype: torch.dtype, backend: Backend = REFERENCE) -> int:
@@ -57,6 +74,25 @@ class ModelRunner:
         Returns logits [sum(num_logits), vocab] in fp32, sample row by sample row, in token order.
         """
         bs = self.block_size
+        graphs = self.decode_graphs
+        lora = getattr(self.model, "lora", None)
+        if (
+            graphs is not None
+            and all(n == 1 for _, _, n, _ in work)
+            and (num_logits is None or all(m == 1 for m in num_logits))
+            and graphs.size_for(len(work)) is not None
+            and (lora is None or self._lora_batch(work, lora_slots) is None)  # adapters: eager (shapes vary)
+        ):
+            if lora is not None:
+                lora.batch = None
+            logits = graphs.run(
+                [tokens[0] for tokens, _, _, _ in work],
+                [start for _, start, _, _ in work],
+                [table[start // bs] * bs + start % bs for _, start, _, table in work],
+                [table for _, _, _, table in work],
+                [start + 1 for _, start, _, _ in work],
+            )
+            return logits[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
         window = self.model.config.sliding_window
         ids: list[int] = []
         positions: list[int] = []
@@ -92,7 +128,6 @@ class ModelRunner:
             block_size=bs,
             sliding_window=window,
         )
-        lora = getattr(self.model, "lora", None)
         if lora is not None:
             lora.batch = self._lora_batch(work, lora_slots)
         hidden = self.model(torch.tensor(ids, device=self.device), pos, self.kv_caches, meta)

@@ -60,6 +60,32 @@ class AttentionMetadata:
             masked |= key_pos[None, :] <= lens - 1 - self.sliding_window
         return masked
 
+    @cached_property
+    def prefill_batch(self) -> PrefillBatch:
+        """The prefill chunks as tensors, for kernels that take every chunk of the step in one launch;
+        built once per step, read by every layer."""
+        device = self.slot_mapping.device
+        chunks = self.prefills
+        width = max(len(c.block_table) for c in chunks)
+        tables = torch.zeros(len(chunks), width, dtype=torch.long, device=device)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = c.block_table
+        # One copy to the device; each row contiguous, as kernels index them.
+        starts, lens, ctx = torch.tensor(
+            [[c.query_start for c in chunks], [c.query_len for c in chunks], [c.context_len for c in chunks]],
+            dtype=torch.long,
+        ).to(device)
+        return PrefillBatch(starts, lens, ctx, tables, max(c.query_len for c in chunks))
+
+
+@dataclass
+class PrefillBatch:
+    query_starts: torch.Tensor  # [C] long
+    query_lens: torch.Tensor  # [C] long
+    context_lens: torch.Tensor  # [C] long
+    block_tables: torch.Tensor  # [C, max_blocks] long, padded with 0
+    max_query_len: int
+
 
 def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
@@ -133,19 +159,27 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     decode_attention: DecodeAttention | None = None,
+    prefill_attention: DecodeAttention | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D], attending over each sequence's cached context. The decode queries go
-    through `decode_attention` (the model's backend; the reference when None), prefill chunks through SDPA."""
+    through `decode_attention`, the prefill chunks through `prefill_attention` (the model's backend; the
+    reference when None)."""
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd and decode_attention is not None:
         decode_attention(q[:nd], k_cache, v_cache, meta, scale, out[:nd])
     elif nd:
         out[:nd] = decode_reference(q[:nd], k_cache, v_cache, meta, scale)
+    if meta.prefills:
+        (prefill_attention or prefill_reference)(q, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def prefill_reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, out: torch.Tensor) -> None:
+    """The prefill chunks' rows of q [T, Hq, D] -> out's same rows: SDPA per chunk."""
     for chunk in meta.prefills:
         rows = slice(chunk.query_start, chunk.query_start + chunk.query_len)
         out[rows] = _prefill(q[rows], k_cache, v_cache, chunk, scale)
-    return out
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ ember.models.projections.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -59,6 +58,7 @@ class Attention(nn.Module):
         self.backend = backend
         self._rope_write_kv = backend.rope_write_kv
         self._decode_attention = backend.decode_attention
+        self._prefill_attention = backend.prefill_attention
 
     @property
     def cpu_kernels(self) -> bool:
@@ -85,20 +85,25 @@ class Attention(nn.Module):
         q = self._rope_write_kv(
             qkv, cos.view(t, -1), sin.view(t, -1), meta.slot_mapping, k_cache, v_cache, self.num_heads
         )  # [T, Hq, D]
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self._decode_attention)
+        o = paged_attention(
+            q, k_cache, v_cache, meta, self.scale, self._decode_attention, self._prefill_attention
+        )
         return self.o_proj(o.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: Backend = REFERENCE):
         super().__init__()
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = BY_NAME["gate_up_proj"].linear(cfg)
         self.down_proj = BY_NAME["down_proj"].linear(cfg)
+        self.set_backend(backend)
+
+    def set_backend(self, backend: Backend) -> None:
+        self._silu_and_mul = backend.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self._silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -107,11 +112,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.self_attn = Attention(cfg, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, backend)
+        self.set_backend(backend)
+
+    def set_backend(self, backend: Backend) -> None:
+        self._add_rms_norm = backend.add_rms_norm
 
     def forward(self, x, cos_sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        h, x = self._add_rms_norm(
+            self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta), x, norm.weight, norm.eps
+        )
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -156,7 +168,7 @@ class LlamaForCausalLM(nn.Module):
         """Run the model's ops on `backend` from now on (the KV cache must be in its layout)."""
         self.backend = backend
         for module in self.modules():
-            if isinstance(module, RMSNorm | Attention):
+            if isinstance(module, RMSNorm | Attention | MLP | DecoderLayer):
                 module.set_backend(backend)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

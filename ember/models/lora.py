@@ -5,13 +5,15 @@ qkv_proj; gate and up in gate_up_proj, as ember.models.projections lays them out
 B [slots, out, r_max] (zero-padded to the maximum rank, scaling folded into B). A step's tokens carry a
 slot id each; the rows of one slot form a segment, and each segment adds `(x @ A.T) @ B.T` to its rows of
 the projection's output slice. Tokens with no adapter get nothing added, so the bare base model and any
-mix of adapters share a batch. A GPU kernel (gather + batched matmul in one launch) can replace the
-segment loop later without changing this interface.
+mix of adapters share a batch. A backend with a LoRA kernel (the CUDA backend's segmented gather matmul,
+ember.kernels.triton.lora) replaces the segment loop with two launches per sub-module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -25,6 +27,16 @@ class LoRABatch:
 
     segments: list[tuple[int, torch.Tensor]]
 
+    @cached_property
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows [N], seg_starts [G + 1], seg_slots [G]): the segments as the LoRA kernel takes them;
+        built once per step, read by every projection."""
+        rows = torch.cat([r for _, r in self.segments])
+        lens = [len(r) for _, r in self.segments]
+        starts = torch.tensor([0, *lens]).cumsum(0).to(rows.device)
+        slots = torch.tensor([s for s, _ in self.segments]).to(rows.device)
+        return rows, starts, slots
+
 
 @dataclass
 class LoRAContext:
@@ -36,6 +48,7 @@ class LoRAContext:
     # slot -> the sub-module names that slot's adapter has weights for (others add nothing)
     present: list[set[str]] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)  # slot -> its adapter's rank (the rest is padding)
+    kernel: Callable[..., None] | None = None  # the backend's lora_delta; None: the loop below
 
 
 class LoRALinear(nn.Module):
@@ -67,6 +80,12 @@ class LoRALinear(nn.Module):
         batch = self.ctx.batch
         if batch is None:
             return y
+        if self.ctx.kernel is not None:
+            rows, starts, slots = batch.packed
+            for name, start, width in self.parts:
+                a, b = getattr(self, f"A_{name}"), getattr(self, f"B_{name}")
+                self.ctx.kernel(x, y[:, start : start + width], a, b, rows, starts, slots)
+            return y
         for slot, rows in batch.segments:
             present, r = self.ctx.present[slot], self.ctx.ranks[slot]
             xs = x.index_select(0, rows)
@@ -82,7 +101,13 @@ class LoRALinear(nn.Module):
 def enable_lora(model: nn.Module, num_slots: int, max_rank: int) -> LoRAContext:
     """Wrap every LoRA-able projection of a Llama-family model; returns the context the runner drives."""
     cfg = model.config
-    ctx = LoRAContext(num_slots, max_rank, present=[set() for _ in range(num_slots)], ranks=[0] * num_slots)
+    ctx = LoRAContext(
+        num_slots,
+        max_rank,
+        present=[set() for _ in range(num_slots)],
+        ranks=[0] * num_slots,
+        kernel=getattr(model, "backend", None) and model.backend.lora_delta,
+    )
     dtype = model.embed_tokens.weight.dtype
     device = model.embed_tokens.weight.device
     for layer in model.layers:
