@@ -210,9 +210,12 @@ class AsyncEngine:
         max_cached_tokens: int | None = None,
         lora: str | None = None,
         priority: int | None = None,
+        replayable: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """`cache_salt`, `max_cached_tokens` and `lora` (an adapter name): as in LLMEngine.add_request.
-        `priority` (lower first) overrides params.priority."""
+        `priority` (lower first) overrides params.priority. `replayable`: the caller reads only the last
+        output, so a client over replicas may run the request again from scratch on another one if its
+        replica is lost (one engine in this process has nothing to fail over to)."""
         params = params or SamplingParams()
         if priority is not None and priority != params.priority:
             params = dataclasses.replace(params, priority=priority)

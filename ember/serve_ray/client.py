@@ -2,8 +2,9 @@
 
 The ingress tokenizes (it has the model's tokenizer), names the prompt's blocks as the engines will
 (ember.serve_ray.routing.prompt_keys) and streams each request from the replica the router picks. A
-replica lost before the request's first output is no loss: the request is sent again, elsewhere. One lost
-after that ends the request with EngineDeadError, which a stream reports in-band as its last event.
+replica lost before the request's first output is no loss: the request is sent again, elsewhere, and so is
+a non-streamed one (`replayable`: its caller reads only the last output) at any point. A stream that has
+begun ends with EngineDeadError instead, which the routes report in-band as its last event.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class RayEngineClient:
         max_cached_tokens: int | None = None,
         lora: str | None = None,
         priority: int | None = None,
+        replayable: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         params = params or SamplingParams()
         if priority is not None and priority != params.priority:
@@ -120,9 +122,9 @@ class RayEngineClient:
                         yield out
                     return
                 except REPLICA_LOST as exc:
-                    if yielded or attempt == self.retries:
+                    if (yielded and not replayable) or attempt == self.retries:
                         raise EngineDeadError(f"the replica serving this request was lost: {exc}") from None
-                    log.warning("replica lost before request %s started; sending it again", request_id)
+                    log.warning("replica lost under request %s; sending it again", request_id)
         finally:
             call = self._calls.pop(request_id, None)
             if call is not None and not (yielded and out.finished):
