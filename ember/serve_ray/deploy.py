@@ -28,8 +28,8 @@ APP_NAME = "ember"
 STATS_PERIOD_S = 1.0
 
 
-def deployment(config: EngineConfig, options: ServerConfig):
-    """The replicas' deployment, bound to its arguments (an application for serve.run)."""
+def deployment_options(config: EngineConfig, options: ServerConfig) -> dict:
+    """serve.deployment's options for the replicas: their number or autoscaling, resources, the router."""
     scale = options.autoscale_range()
     sizing: dict = {"num_replicas": options.replicas}
     if scale is not None:
@@ -43,8 +43,7 @@ def deployment(config: EngineConfig, options: ServerConfig):
                 downscale_delay_s=10.0,
             )
         }
-    replica = serve.deployment(
-        EngineReplica,
+    return dict(
         name="engine",
         ray_actor_options={"num_cpus": options.replica_threads},
         # A replica queues past what it runs at once: its engine's scheduler, not Ray, orders the queue.
@@ -61,6 +60,11 @@ def deployment(config: EngineConfig, options: ServerConfig):
         ),
         **sizing,
     )
+
+
+def deployment(config: EngineConfig, options: ServerConfig):
+    """The replicas' deployment, bound to its arguments (an application for serve.run)."""
+    replica = serve.deployment(EngineReplica, **deployment_options(config, options))
     threads = options.replica_threads
     return replica.bind(config, dict(options.loras), options.max_queue, threads, options.health_stall_timeout)
 
