@@ -375,6 +375,37 @@ class ServerConfig:
         flag="--allowed-origins",
     )
 
+    ray: bool = setting(
+        False,
+        help="serve on Ray Serve: replicas of the engine behind a prefix- and adapter-aware router "
+        "(needs the extra: pip install 'ember[ray]')",
+    )
+    replicas: int = setting(1, help="--ray: engine replicas (a fixed number)", minimum=1)
+    autoscale: str | None = setting(
+        None,
+        help="--ray: MIN:MAX replicas, scaled on the requests each one has in flight",
+        metavar="MIN:MAX",
+    )
+    autoscale_target: float = setting(
+        2.0, help="--autoscale: requests in flight per replica that the autoscaler aims at", minimum=0.1
+    )
+    ray_address: str | None = setting(
+        None, help="--ray: the Ray cluster to join (ray://host:10001 or host:6379); none: start one here"
+    )
+    replica_threads: int = setting(1, help="--ray: torch threads in each replica", minimum=1)
+
+    def autoscale_range(self) -> tuple[int, int] | None:
+        """--autoscale as (min, max) replicas; None: a fixed --replicas."""
+        if self.autoscale is None:
+            return None
+        low, sep, high = self.autoscale.partition(":")
+        if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+            raise ConfigError("autoscale", f"takes MIN:MAX replicas, e.g. 1:4 (got {self.autoscale!r})")
+        lo, hi = int(low), int(high)
+        if not 1 <= lo <= hi:
+            raise ConfigError("autoscale", f"needs 1 <= MIN <= MAX (got {self.autoscale!r})")
+        return lo, hi
+
     def __post_init__(self) -> None:
         try:
             self.max_request_bytes = parse_bytes(self.max_request_bytes)
@@ -428,6 +459,21 @@ class ServerConfig:
                 raise ConfigError("prices", f"cannot read {self.prices}: {exc}") from None
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be 0..65535 (got {self.port})")
+        self.autoscale_range()
+        if not self.ray:
+            for name, value, default in (
+                ("replicas", self.replicas, 1),
+                ("autoscale", self.autoscale, None),
+                ("ray_address", self.ray_address, None),
+            ):
+                if value != default:
+                    raise ConfigError(name, "needs --ray: replicas run on Ray Serve")
+        elif self.autoscale is not None and self.replicas != 1:
+            raise ConfigError("replicas", "give --replicas N or --autoscale MIN:MAX, not both")
+        elif self.fine_tuning:
+            raise ConfigError(
+                "fine_tuning", "is not served with --ray yet: its adapters load into one engine"
+            )
         if self.max_request_bytes < 1024:
             raise ConfigError("max_request_bytes", f"must be at least 1KiB (got {self.max_request_bytes})")
         self.allowed_origins = [o.strip() for v in self.allowed_origins for o in v.split(",") if o.strip()]

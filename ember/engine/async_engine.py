@@ -93,7 +93,8 @@ class AsyncEngine:
 
     `max_queue` bounds the requests waiting beyond the `max_num_seqs` the engine runs at once (an n > 1
     request counts n); past it `generate()` raises EngineOverloadedError. `wait_ready=False` returns while
-    the model still loads (the server answers /ready 503 meanwhile).
+    the model still loads (the server answers /ready 503 meanwhile). `report_blocks=True` keeps
+    `cached_blocks`, the hashes of the prefix-cache blocks the core holds (what a replica tells its router).
     """
 
     def __init__(
@@ -103,6 +104,7 @@ class AsyncEngine:
         mode: str | None = None,
         max_queue: int | None = None,
         wait_ready: bool = True,
+        report_blocks: bool = False,
     ):
         config = config or EngineConfig()
         mode = mode or ServerConfig.engine_mode
@@ -131,16 +133,23 @@ class AsyncEngine:
         self._shutdown_lock = threading.Lock()
         self._closed = False  # the process's queues and handle are closed
         self._shut_down = False  # the core stopped because it was asked to
+        self.cached_blocks: set[bytes] = set()  # with report_blocks: the core's prefix-cache block hashes
         if mode == "thread":
             self._inbox, self._outbox = queue.Queue(), queue.Queue()
             self._core = threading.Thread(
-                target=run_core, args=(self.config, self._inbox, self._outbox), name="ember-core", daemon=True
+                target=run_core,
+                args=(self.config, self._inbox, self._outbox, report_blocks),
+                name="ember-core",
+                daemon=True,
             )
         else:
             ctx = multiprocessing.get_context("spawn")
             self._inbox, self._outbox = ctx.Queue(), ctx.Queue()
             self._core = ctx.Process(
-                target=run_core, args=(self.config, self._inbox, self._outbox), name="ember-core", daemon=True
+                target=run_core,
+                args=(self.config, self._inbox, self._outbox, report_blocks),
+                name="ember-core",
+                daemon=True,
             )
         self._core.start()
         self._reader = threading.Thread(target=self._read_outputs, name="ember-output", daemon=True)
@@ -201,9 +210,12 @@ class AsyncEngine:
         max_cached_tokens: int | None = None,
         lora: str | None = None,
         priority: int | None = None,
+        replayable: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """`cache_salt`, `max_cached_tokens` and `lora` (an adapter name): as in LLMEngine.add_request.
-        `priority` (lower first) overrides params.priority."""
+        `priority` (lower first) overrides params.priority. `replayable`: the caller reads only the last
+        output, so a client over replicas may run the request again from scratch on another one if its
+        replica is lost (one engine in this process has nothing to fail over to)."""
         params = params or SamplingParams()
         if priority is not None and priority != params.priority:
             params = dataclasses.replace(params, priority=priority)
@@ -399,6 +411,11 @@ class AsyncEngine:
                         s.prefix_cache_hits,
                         (s.spec_draft_tokens, s.spec_accepted_tokens, s.spec_emitted_tokens),
                     )
+                    for h, cached in s.cache_events:
+                        if cached:
+                            self.cached_blocks.add(h)
+                        else:
+                            self.cached_blocks.discard(h)
                     for update in msg.updates:
                         self._on_update(update)
                 elif isinstance(msg, Added):

@@ -63,8 +63,8 @@ class EngineClient(Protocol):
 
     async def wait_ready(self) -> None: ...
 
-    # generate(prompt, params=None, request_id=None, *, cache_salt=None, max_cached_tokens=None, lora=None):
-    # the request's outputs as they grow (see AsyncEngine.generate).
+    # generate(prompt, params=None, request_id=None, *, cache_salt=None, max_cached_tokens=None, lora=None,
+    # priority=None, replayable=False): the request's outputs as they grow (see AsyncEngine.generate).
     generate: Callable[..., AsyncIterator[RequestOutput]]
 
     def abort(self, request_id: str) -> None: ...

@@ -490,6 +490,7 @@ class EngineCore:
             spec_draft_tokens=spec.num_draft_tokens if spec else 0,
             spec_accepted_tokens=spec.num_accepted_tokens if spec else 0,
             spec_emitted_tokens=spec.num_emitted_tokens if spec else 0,
+            cache_events=pool.take_cache_events(),
         )
 
 

@@ -29,8 +29,9 @@ _GRAMMAR_POLL_S = 0.005
 _HEARTBEAT_S = 1.0
 
 
-def run_core(config: EngineConfig, inbox, outbox) -> None:
-    """Entry point of the core's thread or process: load the model, then serve commands until Shutdown."""
+def run_core(config: EngineConfig, inbox, outbox, report_blocks: bool = False) -> None:
+    """Entry point of the core's thread or process: load the model, then serve commands until Shutdown.
+    `report_blocks`: each report lists the prefix-cache blocks named and evicted since the last one."""
     if multiprocessing.parent_process() is not None:
         # Ctrl-C reaches the whole process group: the parent drains and then says Shutdown, so the core
         # must not die under the requests still finishing.
@@ -41,6 +42,8 @@ def run_core(config: EngineConfig, inbox, outbox) -> None:
     except BaseException as exc:
         outbox.put(msg.Dead(f"the engine failed to start: {exc}"))
         return
+    if report_blocks:
+        engine.kv.pool.cache_events = []
     outbox.put(engine.info)
     engine.grammars  # noqa: B018 -- starts wrapping the vocabulary for structured outputs, off this thread
     try:

@@ -52,6 +52,9 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))  # free, holding nothing worth keeping
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # free, still cached; oldest first
         self.num_evictions = 0
+        # (hash, True: now cached | False: evicted) since the core's last report; None: not recorded. A
+        # replica behind a router reports them, so the router knows which prompt prefixes it holds.
+        self.cache_events: list[tuple[bytes, bool]] | None = None
 
     @property
     def num_free(self) -> int:
@@ -82,6 +85,8 @@ class BlockPool:
             del self.by_hash[h]
             self.block_hash[block] = None
             self.num_evictions += 1
+            if self.cache_events is not None:
+                self.cache_events.append((h, False))
 
     def incref(self, block: int) -> None:
         if self.ref_counts[block] == 0:  # a cached block coming back into use
@@ -101,12 +106,22 @@ class BlockPool:
         if h not in self.by_hash and self.block_hash[block] is None:
             self.by_hash[h] = block
             self.block_hash[block] = h
+            if self.cache_events is not None:
+                self.cache_events.append((h, True))
+
+    def take_cache_events(self) -> list[tuple[bytes, bool]]:
+        if not self.cache_events:
+            return []
+        events, self.cache_events = self.cache_events, []
+        return events
 
     def reset_cache(self) -> None:
         """Forget every cached block (the KV stays valid for the sequences holding it)."""
         for block in list(self._free_cached):
             self._free.append(block)
         self._free_cached.clear()
+        if self.cache_events is not None:
+            self.cache_events.extend((h, False) for h in self.by_hash)
         self.by_hash.clear()
         self.block_hash = [None] * self.num_blocks
 

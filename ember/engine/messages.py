@@ -131,6 +131,9 @@ class CoreStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_emitted_tokens: int = 0
+    # Prefix-cache blocks named or evicted since the last report, (hash, cached), when the client asked
+    # for them (AsyncEngine(report_blocks=True), as a Ray replica does for its router).
+    cache_events: list[tuple[bytes, bool]] = field(default_factory=list)
 
 
 @dataclass

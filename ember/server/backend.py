@@ -218,7 +218,13 @@ class EngineBackend:
             texts = [p if isinstance(p, str) else self._text(p) for p in prompts]
         streams = [
             engine.generate(
-                p, pp, request_id=i, cache_salt=ctx.cache_salt, max_cached_tokens=cache_cap, lora=lora
+                p,
+                pp,
+                request_id=i,
+                cache_salt=ctx.cache_salt,
+                max_cached_tokens=cache_cap,
+                lora=lora,
+                replayable=not body.stream,
             )
             for p, pp, i in zip(prompts, per_prompt, ids, strict=True)
         ]

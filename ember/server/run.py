@@ -152,7 +152,15 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         config.device,
         options.engine_mode,
     )
-    engine = AsyncEngine(config, mode=options.engine_mode, max_queue=options.max_queue, wait_ready=False)
+    if options.ray:
+        try:
+            from ember.serve_ray import deploy
+        except ImportError as exc:
+            raise startup.StartupError(f"--ray needs Ray Serve: pip install 'ember[ray]' ({exc})") from None
+        log.info("starting %s engine replicas on Ray Serve", options.autoscale or options.replicas)
+        engine = deploy.start(config, options)
+    else:
+        engine = AsyncEngine(config, mode=options.engine_mode, max_queue=options.max_queue, wait_ready=False)
     embedder = None
     if options.embedding_model:
         from ember.embeddings import EmbeddingModel
@@ -214,11 +222,15 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
         for line in startup.summary(config, options, engine.info, served, url):
             log.info("%s", line)
 
-    server = DrainingServer(uv, engine, state, options.shutdown_timeout, options.loras, on_ready=ready)
+    # With --ray each replica loads the adapters itself, as it starts.
+    loras = {} if options.ray else options.loras
+    server = DrainingServer(uv, engine, state, options.shutdown_timeout, loras, on_ready=ready)
     log.info("waiting for the engine to load the model (the HTTP API answers /health meanwhile)")
     try:
         server.run(sockets=[sock])
     finally:
         engine.shutdown()
+        if options.ray:
+            deploy.stop()
     failed = engine.state is EngineState.FAILED
     return 1 if failed or server.failed or not server.started else 0
