@@ -19,11 +19,11 @@ itself gets agreement 1.0 and KL 0 exactly.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ember.config import engine_config
 from ember.llm import LLM
@@ -77,17 +77,24 @@ class Fidelity:
         return asdict(self)
 
 
-def reference(model: str, *, prompts: list[str], max_tokens: int = 32, progress: bool = False) -> Reference:
+Progress = Callable[[int, int], None]  # (prompts done, prompts in all), after each prompt
+
+
+def reference(
+    model: str, *, prompts: list[str], max_tokens: int = 32, progress: Progress | None = None
+) -> Reference:
     """Greedy continuations of the float32 unquantized model on `prompts` (see Reference)."""
     _check_inputs(prompts, max_tokens)
     with _open(model, None, REFERENCE_DTYPE) as llm:
         ids = [_prompt_ids(llm, p) for p in prompts]
         tokens, logprobs, seconds = [], [], 0.0
-        for prompt in tqdm(ids, desc="reference float32", disable=not progress):
+        for i, prompt in enumerate(ids):
             toks, lps, s = _decode(llm, prompt, max_tokens)
             tokens.append(toks)
             logprobs.append(lps)
             seconds += s
+            if progress is not None:
+                progress(i + 1, len(ids))
     return Reference(model, list(prompts), max_tokens, ids, tokens, logprobs, _rate(tokens, seconds))
 
 
@@ -99,16 +106,19 @@ def measure(
     prompts: list[str],
     max_tokens: int = 32,
     reference: Reference | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> Fidelity:
     """Score `quantization` at `dtype` against the float32 unquantized reference on `prompts`.
 
     `reference`: one built earlier by `reference()` for the same model, prompts and max_tokens (scoring
-    several settings then decodes the reference once). An unknown quantization or dtype, or a pair the
+    several settings then decodes the reference once); without it, it is built here first (`progress`
+    then counts its prompts, then the candidate's). An unknown quantization or dtype, or a pair the
     engine does not run, raises ConfigError before any model is loaded.
     """
     _check_inputs(prompts, max_tokens)
-    engine_config(model=model, quantization=quantization, dtype=dtype)  # refuse bad settings up front
+    # Refuse a bad setting before any model loads, and name it as the engine reads it ('none' -> None).
+    setting = engine_config(model=model, quantization=quantization, dtype=dtype)
+    quantization, dtype = setting.quantization, setting.dtype
     ref = (
         reference
         if reference is not None
@@ -120,10 +130,9 @@ def measure(
             f"({ref.model!r}, {len(ref.prompts)} prompts, max_tokens {ref.max_tokens}); build it with "
             "reference(model, prompts=..., max_tokens=...) for these"
         )
-    label = f"{quantization or 'none'} {dtype}"
     per_prompt, kls, seconds = [], [], 0.0
     with _open(model, quantization, dtype) as llm:
-        for i in tqdm(range(len(prompts)), desc=label, disable=not progress):
+        for i in range(len(prompts)):
             if _prompt_ids(llm, prompts[i]) != ref.prompt_ids[i]:
                 raise ValueError(f"prompt {i} tokenizes differently for the candidate than for the reference")
             _, cand, s = _decode(llm, ref.prompt_ids[i], max_tokens, forced=ref.tokens[i])
@@ -134,6 +143,8 @@ def measure(
             misses = (~hits).nonzero()
             first = int(misses[0]) if len(misses) else None
             per_prompt.append(PromptFidelity(len(hits), int(hits.sum()), first, float(kl.mean())))
+            if progress is not None:
+                progress(i + 1, len(prompts))
     all_kl = torch.cat(kls).double()
     n = sum(p.tokens for p in per_prompt)
     return Fidelity(
