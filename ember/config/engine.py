@@ -132,6 +132,7 @@ class SpeculativeConfig:
         help="speculate only while running sequences x (1 + k) stays within this many tokens",
         flag="--speculative-max-batch-tokens",
         minimum=2,
+        search=(8, 16, 32, 64),
     )
     min_acceptance: float = setting(
         0.25,
