@@ -165,5 +165,8 @@ def generate(
         )
         prompts = [r.as_prompt() for r in build_workload(cfg, model, "completions", seed)]
     offsets = arrival_offsets(num_requests, rate, 1.0, np.random.default_rng((seed, 1)))
-    items = [Item(f"{shape}-{i}", p, output_len, float(t)) for i, (p, t) in enumerate(zip(prompts, offsets, strict=True))]
+    items = [
+        Item(f"{shape}-{i}", p, output_len, float(t))
+        for i, (p, t) in enumerate(zip(prompts, offsets, strict=True))
+    ]
     return Workload(shape, items)
