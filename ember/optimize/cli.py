@@ -120,9 +120,10 @@ def run(work, goal, engine, vary, fix, levels, replays, price, out: Path, consol
     from ember.optimize import report
     from ember.optimize.replay import replay
     from ember.optimize.search import State, search
-    from ember.optimize.space import Candidate, candidates, space
+    from ember.optimize.space import Candidate, candidates, held, space
 
     values = space(vary=vary, fix=fix, levels=levels)
+    engine = held(values, engine)
     grid = candidates(values, engine)
     baseline = Candidate(())
     out.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,8 @@ def run(work, goal, engine, vary, fix, levels, replays, price, out: Path, consol
     ).hexdigest()[:16]
     state = State(out / "state.json", scope)
     price = price if price is not None else pr.PRICES.get(engine.device.split(":")[0], pr.PRICES["cpu"])
-    console.print(f"{len(grid)} configurations over {', '.join(values)}; objective: {goal}")
+    varied = [n for n, v in values.items() if len(v) > 1]
+    console.print(f"{len(grid)} configurations over {', '.join(varied) or 'nothing'}; objective: {goal}")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

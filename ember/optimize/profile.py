@@ -27,7 +27,7 @@ from ember.paths import ember_data_dir
 
 # (requests, prompt tokens, output tokens, token budget): prefill at several sizes, decode at several
 # batch widths and contexts, a chunked long prompt.
-_SHAPES = ((1, 32, 8, 2048), (4, 96, 6, 2048), (12, 32, 6, 2048), (1, 384, 2, 128))
+SHAPES = ((1, 32, 8, 2048), (4, 96, 6, 2048), (12, 32, 6, 2048), (1, 384, 2, 128))
 
 
 @dataclass
@@ -85,7 +85,9 @@ def fit(rows: list[tuple[int, int, float, float]]) -> StepModel:
     return StepModel(*map(float, coef), steps=len(rows), rel_error=rel)
 
 
-def measure_steps(config: EngineConfig, progress=None) -> tuple[list[tuple[int, int, float, float]], int]:
+def measure_steps(
+    config: EngineConfig, progress=None, shapes: tuple[tuple[int, int, int, int], ...] = SHAPES
+) -> tuple[list[tuple[int, int, float, float]], int]:
     """Run the shapes through one real engine (a fresh scheduler per shape, over the same loaded model)
     and time every step it takes; also the KV bytes per token of context."""
     from ember.engine.llm_engine import LLMEngine
@@ -110,7 +112,7 @@ def measure_steps(config: EngineConfig, progress=None) -> tuple[list[tuple[int, 
     vocab = core.model_config.vocab_size
     rows: list[tuple[int, int, float, float]] = []
     try:
-        for n, prompt_len, out_len, budget in _SHAPES:
+        for n, prompt_len, out_len, budget in shapes:
             limits = SchedulerConfig(max_num_seqs=n, max_num_batched_tokens=budget)
             core.scheduler = Scheduler(limits, core.kv, core.lora)
             seen: dict = {}
@@ -149,13 +151,17 @@ def _recording(scheduler, seen: dict) -> None:
     scheduler.schedule = schedule_and_note
 
 
-def load_or_measure(model: str, quantization: str | None, dtype: str, progress=None) -> StepModel:
-    """The cached profile of this machine for these settings, measured now if there is none."""
-    path = profile_dir() / f"{profile_key(model, quantization, dtype)}.json"
+def load_or_measure(
+    model: str, quantization: str | None, dtype: str, progress=None, shapes: tuple = SHAPES
+) -> StepModel:
+    """The cached profile of this machine for these settings, measured now if there is none. `shapes`:
+    (requests, prompt tokens, output tokens, token budget) batches to time (fewer: a rougher profile)."""
+    drawn = hashlib.sha256(repr(shapes).encode()).hexdigest()[:6]  # a rougher profile is not the full one
+    path = profile_dir() / f"{profile_key(model, quantization, dtype)}-{drawn}.json"
     if path.is_file():
         return StepModel(**json.loads(path.read_text())["model"])
     config = EngineConfig(model=model, dtype=dtype, quantization=quantization)
-    rows, per_token = measure_steps(config, progress)
+    rows, per_token = measure_steps(config, progress, shapes)
     model_fit = fit(rows)
     model_fit.kv_bytes_per_token = per_token
     path.parent.mkdir(parents=True, exist_ok=True)

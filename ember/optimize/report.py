@@ -50,11 +50,11 @@ def rows(out: Outcome) -> list[tuple[str, list[str]]]:
 
 
 def header() -> list[str]:
-    return ["config", "", *(f"{x} pred/meas" for x in SHOWN)]
+    return ["config", "", *SHOWN]
 
 
 def rich_table(out: Outcome) -> Table:
-    t = Table(title="Pareto front and measured configs (predicted / measured)")
+    t = Table(title="Pareto front and measured configs: predicted / measured (ms, req/s, $/M tokens)")
     for h in header():
         t.add_column(h)
     for _, cells in rows(out):

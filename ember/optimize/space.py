@@ -120,18 +120,23 @@ def space(
     return out
 
 
+def held(values: dict[str, list[Any]], base: EngineConfig) -> EngineConfig:
+    """`base` with the settings given one value each: the engine every candidate starts from."""
+    return engine_with(base, {n: v[0] for n, v in values.items() if len(v) == 1})
+
+
 def candidates(values: dict[str, list[Any]], base: EngineConfig | None = None) -> list[Candidate]:
-    """Every valid combination, each engine once."""
+    """Every valid combination of the settings given several values (apply the others with `held`),
+    each engine once."""
     base = base or EngineConfig()
-    names = list(values)
+    names = [n for n, v in values.items() if len(v) > 1]
     seen: set[str] = set()
     out = []
     for combo in itertools.product(*(values[n] for n in names)):
         settings = dict(zip(names, combo, strict=True))
         if settings.get("speculative.method", base.speculative.method) is None:
             for n in _NEEDS_SPECULATION:
-                if n in settings:
-                    settings[n] = values[n][0]
+                settings.pop(n, None)  # the base's value: it cannot matter
         try:
             engine_with(base, settings)
         except ConfigError:
