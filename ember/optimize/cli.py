@@ -74,6 +74,7 @@ def optimize_command(
 
     console = Console(stderr=True)
     try:
+        varied, held = _pairs(vary, "--vary"), _pairs(fix, "--fix")
         goal = parse_objective(objective)
         if (workload is None) == (shape is None):
             raise typer.BadParameter("give --workload FILE or --shape chat|rag|edit (one of them)")
@@ -97,8 +98,8 @@ def optimize_command(
             work,
             goal,
             engine,
-            _pairs(vary, "--vary"),
-            _pairs(fix, "--fix"),
+            varied,
+            held,
             levels,
             replays,
             price,
