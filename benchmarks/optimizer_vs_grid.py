@@ -99,6 +99,7 @@ def main() -> None:
         finish,
         State(args.out / "optimizer.json", work.key),
         budget,
+        calibrate=predictor.calibrate,
     )
     opt_s = time.monotonic() - t0
     by_key = {c.key: c for c in grid}

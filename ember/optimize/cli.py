@@ -168,6 +168,7 @@ def run(work, goal, engine, vary, fix, levels, replays, price, out: Path, consol
             state,
             replays,
             bar,
+            predictor.calibrate,
         )
     context = f"Workload `{work.name}` ({len(work.items)} requests), model `{engine.model}`, price ${price}/machine-hour."
     spec = report.write(outcome, goal, engine, out, context)

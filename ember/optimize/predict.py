@@ -48,6 +48,7 @@ class Predictor:
         ]
         self._profiles = profiles
         self._cache: dict[tuple[str | None, str], StepModel] = {}
+        self.speed = 1.0  # step times x this: the machine now against its profile (calibrate)
 
     def profile(self, config: EngineConfig) -> StepModel:
         key = (config.quantization, config.dtype)
@@ -58,8 +59,16 @@ class Predictor:
     def __call__(self, candidate: Candidate) -> dict:
         config = candidate.engine(self.base)
         cost = self.profile(config)
-        line = simulate(config, self.requests, cost, cost.num_blocks(config))
+        line = simulate(config, self.requests, cost.scaled(self.speed), cost.num_blocks(config))
         return latency_metrics(line, self.slos_ms)
+
+    def calibrate(self, predicted: dict, measured: dict) -> float:
+        """Scale step times so that the default's replayed TPOT p50 would have been predicted: one number
+        for how fast the machine runs now (its load, the server's own overhead) against its profile."""
+        p, m = predicted.get("tpot_p50"), measured.get("tpot_p50")
+        if p and m and math.isfinite(p) and math.isfinite(m):
+            self.speed *= m / p
+        return self.speed
 
 
 def greedy_outputs(workload: Workload, model: str) -> list[list[int]]:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,18 @@ class StepModel:
     def seconds(self, tokens: int, seqs: int, attention: float) -> float:
         return (
             self.fixed + self.per_token * tokens + self.per_seq * seqs + self.per_attention * attention / 1000
+        )
+
+    def scaled(self, factor: float) -> StepModel:
+        """Every step `factor` times as long (a machine running slower or faster than when profiled)."""
+        if factor == 1.0:
+            return self
+        return replace(
+            self,
+            fixed=self.fixed * factor,
+            per_token=self.per_token * factor,
+            per_seq=self.per_seq * factor,
+            per_attention=self.per_attention * factor,
         )
 
     def num_blocks(self, config: EngineConfig) -> int:

@@ -167,6 +167,13 @@ def write(
         "## Front and measured configurations (predicted / measured)\n",
         markdown_table(out),
         "\n## Prediction error ((predicted - measured) / measured)\n",
+        (
+            f"The default's replay calibrated the profile: step times x{out.calibration:.3g} (the machine "
+            "now against when it was profiled). The default's row is its uncalibrated prediction; the "
+            "others were predicted after calibration.\n\n"
+        )
+        if out.calibration is not None
+        else "",
         error_table(out),
         f"\nMean |error| at p50 (TTFT, TPOT): {sum(p50) / len(p50):.0%}\n" if p50 else "",
         f"\nServe the pick: `ember serve --config {spec}`\n" if spec else "",

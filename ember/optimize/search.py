@@ -38,6 +38,7 @@ class Outcome:
     pick: str | None
     latency: str  # the front's latency axis
     infeasible: str | None = None  # why nothing is feasible, with the closest config
+    calibration: float | None = None  # the step-time factor the baseline's replay gave the predictor
     by_key: dict[str, Candidate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -104,37 +105,50 @@ def search(
     state: State,
     replays: int,
     progress: Callable[[str, int], Callable[[], None]] | None = None,
+    calibrate: Callable[[dict, dict], float] | None = None,
 ) -> Outcome:
     """`predict`/`measure` give latency metrics, `quality` the quality ones, `finish` adds the cost;
-    at most `replays` real replays (the baseline's included)."""
+    at most `replays` real replays (the baseline's included). `calibrate(predicted, measured)`, given,
+    is told the baseline's numbers once it is replayed and returns the factor the predictor now scales
+    step times by (the machine's speed at replay time against its profile); every other candidate is
+    then predicted again, and the baseline keeps its uncalibrated prediction."""
     if baseline.key not in {c.key for c in candidates}:
         candidates = [baseline, *candidates]
-    tick = progress("predicting", len(candidates)) if progress else None
-    predicted: dict[str, dict] = {}
+    by_key = {c.key: c for c in candidates}
     for c in candidates:
-        q = state.data["quality"].get(c.key) or state.remember("quality", c.key, quality(c))
-        p = state.data["predicted"].get(c.key) or state.remember("predicted", c.key, predict(c))
-        predicted[c.key] = finish({**p, **q})
-        if tick:
-            tick()
+        if c.key not in state.data["quality"]:
+            state.remember("quality", c.key, quality(c))
+    predicted = _predict_all(candidates, predict, finish, state, "predicted", progress)
+    measured: dict[str, dict] = {}
+
+    def replay(k: str) -> None:
+        m = state.data["measured"].get(k) or state.remember("measured", k, measure(by_key[k]))
+        measured[k] = finish({**m, **state.data["quality"][k]})
+
+    replay(baseline.key)
+    if calibrate is not None:
+        factor = calibrate(predicted[baseline.key], measured[baseline.key])
+        state.data["calibration"] = factor
+        scope = f"calibrated x{factor:.4g}"
+        if state.data.get("calibrated_scope") != scope:
+            state.data["calibrated"], state.data["calibrated_scope"] = {}, scope
+        again = _predict_all(candidates, predict, finish, state, "calibrated", progress)
+        predicted = {**again, baseline.key: predicted[baseline.key]}
     latency = latency_axis(objective)
     front = pareto(predicted, latency)
     feasible = sorted(
         (k for k in predicted if objective.feasible(predicted[k])),
         key=lambda k: objective.score(predicted[k]),
     )
-    chosen = [baseline.key]
+    chosen = []
     for k in feasible + front:  # the best predicted first, then the front's other corners
-        if len(chosen) >= replays:
+        if len(chosen) + 1 >= replays:
             break
-        if k not in chosen:
+        if k not in chosen and k != baseline.key:
             chosen.append(k)
-    by_key = {c.key: c for c in candidates}
     tick = progress("replaying", len(chosen)) if progress else None
-    measured: dict[str, dict] = {}
     for k in chosen:
-        m = state.data["measured"].get(k) or state.remember("measured", k, measure(by_key[k]))
-        measured[k] = finish({**m, **state.data["quality"][k]})
+        replay(k)
         if tick:
             tick()
     good = sorted(
@@ -150,7 +164,20 @@ def search(
         pick,
         latency,
         None if pick else explain_infeasible(objective, predicted, measured, by_key),
+        state.data.get("calibration") if calibrate is not None else None,
     )
+
+
+def _predict_all(candidates, predict, finish, state: State, kind: str, progress) -> dict[str, dict]:
+    tick = progress(f"{kind}", len(candidates)) if progress else None
+    state.data.setdefault(kind, {})
+    out = {}
+    for c in candidates:
+        p = state.data[kind].get(c.key) or state.remember(kind, c.key, predict(c))
+        out[c.key] = finish({**p, **state.data["quality"][c.key]})
+        if tick:
+            tick()
+    return out
 
 
 def explain_infeasible(objective: Objective, predicted: dict, measured: dict, by_key: dict) -> str:

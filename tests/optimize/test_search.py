@@ -90,3 +90,32 @@ def test_pareto_keeps_only_undominated_points():
 def test_the_replay_budget_is_kept(tmp_path, replays):
     _, measured = _run(tmp_path, "maximize goodput", replays=replays)
     assert len(measured) == replays
+
+
+def test_the_defaults_replay_calibrates_the_predictions_of_the_rest(tmp_path):
+    speed = {"x": 1.0}
+    measured = []
+
+    def predict(c):  # the profile thinks the machine is 4x faster than it is
+        t = _truth(c)
+        return {**t, "ttft_p95": t["ttft_p95"] / 4 * speed["x"], "tpot_p50": 10.0 / 4 * speed["x"]}
+
+    def calibrate(p, m):
+        speed["x"] *= m["tpot_p50"] / p["tpot_p50"]
+        return speed["x"]
+
+    out = search(
+        _cands()[1:],
+        Candidate(()),
+        parse_objective("ttft_p95<=1000ms, maximize goodput"),
+        predict,
+        lambda c: {"quality": 1.0},
+        lambda c: measured.append(c.key) or {**_truth(c), "tpot_p50": 10.0},
+        lambda m: {**m, "cost": 1.0 / m["goodput"]},
+        State(tmp_path / "state.json", "scope"),
+        2,
+        calibrate=calibrate,
+    )
+    assert out.calibration == pytest.approx(4.0)
+    # uncalibrated, 32 seqs (800 ms predicted) would have been the one replay after the default's
+    assert out.by_key[out.pick].get("scheduler.max_num_seqs") == 8
