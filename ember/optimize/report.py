@@ -73,12 +73,16 @@ def error_table(out: Outcome) -> str:
         "| config | " + " | ".join(f"{x} err" for x in ERRORS) + " |",
         "|" + " --- |" * (len(ERRORS) + 1),
     ]
-    for k, m in out.measured.items():
-        errs = [
-            f"{error(out.predicted[k], m, x):+.0%}" if not math.isnan(error(out.predicted[k], m, x)) else "-"
-            for x in ERRORS
-        ]
-        lines.append(f"| {out.by_key[k].label() or '(default)'} | " + " | ".join(errs) + " |")
+    entries = list(out.measured.items())
+    if out.uncalibrated is not None:
+        entries.insert(0, ("uncalibrated", out.measured[out.baseline]))
+    for k, m in entries:
+        pred = out.uncalibrated if k == "uncalibrated" else out.predicted[k]
+        name = (
+            "(default, before calibration)" if k == "uncalibrated" else out.by_key[k].label() or "(default)"
+        )
+        errs = [f"{e:+.0%}" if not math.isnan(e := error(pred, m, x)) else "-" for x in ERRORS]
+        lines.append(f"| {name} | " + " | ".join(errs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +161,10 @@ def write(
         spec = directory / "spec.yaml"
         write_spec(out.by_key[out.pick].engine(base), spec)
     p50 = [
-        abs(error(out.predicted[k], m, x)) for k, m in out.measured.items() for x in ("ttft_p50", "tpot_p50")
+        abs(error(out.predicted[k], m, x))
+        for k, m in out.measured.items()
+        if out.calibration is None or k != out.baseline  # the calibration point proves nothing
+        for x in ("ttft_p50", "tpot_p50")
     ]
     p50 = [e for e in p50 if not math.isnan(e)]
     text = [
@@ -169,13 +176,16 @@ def write(
         "\n## Prediction error ((predicted - measured) / measured)\n",
         (
             f"The default's replay calibrated the profile: step times x{out.calibration:.3g} (the machine "
-            "now against when it was profiled). The default's row is its uncalibrated prediction; the "
-            "others were predicted after calibration.\n\n"
+            "now against when it was profiled; the default's TPOT p50 matches by construction). Its "
+            "prediction before calibration is the first row.\n\n"
         )
         if out.calibration is not None
         else "",
         error_table(out),
-        f"\nMean |error| at p50 (TTFT, TPOT): {sum(p50) / len(p50):.0%}\n" if p50 else "",
+        f"\nMean |error| at p50 (TTFT, TPOT{', the default left out' if out.calibration else ''}): "
+        f"{sum(p50) / len(p50):.0%}\n"
+        if p50
+        else "",
         f"\nServe the pick: `ember serve --config {spec}`\n" if spec else "",
     ]
     (directory / "report.md").write_text("\n".join(text))

@@ -39,6 +39,7 @@ class Outcome:
     latency: str  # the front's latency axis
     infeasible: str | None = None  # why nothing is feasible, with the closest config
     calibration: float | None = None  # the step-time factor the baseline's replay gave the predictor
+    uncalibrated: dict | None = None  # the baseline's prediction before that
     by_key: dict[str, Candidate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,7 +112,7 @@ def search(
     at most `replays` real replays (the baseline's included). `calibrate(predicted, measured)`, given,
     is told the baseline's numbers once it is replayed and returns the factor the predictor now scales
     step times by (the machine's speed at replay time against its profile); every other candidate is
-    then predicted again, and the baseline keeps its uncalibrated prediction."""
+    then predicted again (the baseline too; its first prediction is kept in `uncalibrated`)."""
     if baseline.key not in {c.key for c in candidates}:
         candidates = [baseline, *candidates]
     by_key = {c.key: c for c in candidates}
@@ -126,14 +127,15 @@ def search(
         measured[k] = finish({**m, **state.data["quality"][k]})
 
     replay(baseline.key)
+    uncalibrated = None
     if calibrate is not None:
         factor = calibrate(predicted[baseline.key], measured[baseline.key])
         state.data["calibration"] = factor
         scope = f"calibrated x{factor:.4g}"
         if state.data.get("calibrated_scope") != scope:
             state.data["calibrated"], state.data["calibrated_scope"] = {}, scope
-        again = _predict_all(candidates, predict, finish, state, "calibrated", progress)
-        predicted = {**again, baseline.key: predicted[baseline.key]}
+        uncalibrated = predicted[baseline.key]
+        predicted = _predict_all(candidates, predict, finish, state, "calibrated", progress)
     latency = latency_axis(objective)
     front = pareto(predicted, latency)
     feasible = sorted(
@@ -165,6 +167,7 @@ def search(
         latency,
         None if pick else explain_infeasible(objective, predicted, measured, by_key),
         state.data.get("calibration") if calibrate is not None else None,
+        uncalibrated,
     )
 
 
