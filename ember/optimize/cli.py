@@ -134,7 +134,7 @@ def run(work, goal, engine, vary, fix, levels, replays, price, out: Path, consol
     ).hexdigest()[:16]
     state = State(out / "state.json", scope)
     price = price if price is not None else pr.PRICES.get(engine.device.split(":")[0], pr.PRICES["cpu"])
-    varied = [n for n, v in values.items() if len(v) > 1]
+    varied = sorted({name for c in grid for name, _ in c.settings})
     console.print(f"{len(grid)} configurations over {', '.join(varied) or 'nothing'}; objective: {goal}")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
