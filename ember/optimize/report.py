@@ -176,7 +176,7 @@ def write(
         "\n## Prediction error ((predicted - measured) / measured)\n",
         (
             f"The default's replay calibrated the profile: step times x{out.calibration:.3g} (the machine "
-            "now against when it was profiled; the default's TPOT p50 matches by construction). Its "
+            "now against when it was profiled; so the default's TPOT p50 is close by construction). Its "
             "prediction before calibration is the first row.\n\n"
         )
         if out.calibration is not None
