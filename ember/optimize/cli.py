@@ -121,12 +121,12 @@ def run(work, goal, engine, vary, fix, levels, replays, price, out: Path, consol
     from ember.optimize import report
     from ember.optimize.replay import replay
     from ember.optimize.search import State, search
-    from ember.optimize.space import Candidate, candidates, held, space
+    from ember.optimize.space import candidates, default, held, space
 
     values = space(vary=vary, fix=fix, levels=levels)
+    baseline = default(values, engine)
     engine = held(values, engine)
     grid = candidates(values, engine)
-    baseline = Candidate(())
     out.mkdir(parents=True, exist_ok=True)
     work.save(out / "workload.jsonl")
     scope = hashlib.sha256(

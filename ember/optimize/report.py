@@ -32,6 +32,10 @@ def error(pred: dict, meas: dict, metric: str) -> float:
     return (p - m) / m
 
 
+def name(out: Outcome, key: str) -> str:
+    return "(default)" if key == out.baseline else out.by_key[key].label()
+
+
 def rows(out: Outcome) -> list[tuple[str, list[str]]]:
     """(key, cells) for the front and every measured config: predicted / measured per metric."""
     keys = list(dict.fromkeys([*out.measured, *out.front]))
@@ -43,7 +47,7 @@ def rows(out: Outcome) -> list[tuple[str, list[str]]]:
             for t, on in (("pick", k == out.pick), ("default", k == out.baseline), ("front", k in out.front))
             if on
         ]
-        cells = [out.by_key[k].label() or "(default)", ",".join(tags)]
+        cells = [name(out, k), ",".join(tags)]
         cells += [f"{_fmt(p.get(x))} / {_fmt(m.get(x))}" if m else _fmt(p.get(x)) for x in SHOWN]
         table.append((k, cells))
     return table
@@ -78,11 +82,9 @@ def error_table(out: Outcome) -> str:
         entries.insert(0, ("uncalibrated", out.measured[out.baseline]))
     for k, m in entries:
         pred = out.uncalibrated if k == "uncalibrated" else out.predicted[k]
-        name = (
-            "(default, before calibration)" if k == "uncalibrated" else out.by_key[k].label() or "(default)"
-        )
+        label = "(default, before calibration)" if k == "uncalibrated" else name(out, k)
         errs = [f"{e:+.0%}" if not math.isnan(e := error(pred, m, x)) else "-" for x in ERRORS]
-        lines.append(f"| {name} | " + " | ".join(errs) + " |")
+        lines.append(f"| {label} | " + " | ".join(errs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,9 +122,9 @@ def explain(out: Outcome, objective: Objective) -> str:
     """The choice in words: the pick, the constraint that binds it, what the runner-up gives up."""
     if out.pick is None:
         return f"No measured configuration meets the objective: {out.infeasible}.\n"
-    pick, m = out.by_key[out.pick], out.measured[out.pick]
+    m = out.measured[out.pick]
     goal = objective.goal
-    lines = [f"**Pick:** {pick.label() or '(the default)'} — measured {goal} {_fmt(m.get(goal))}."]
+    lines = [f"**Pick:** {name(out, out.pick)} — measured {goal} {_fmt(m.get(goal))}."]
     if objective.constraints:
         slack = {
             str(c): (c.value - m[c.metric]) / (abs(c.value) or 1) * (1 if c.op == "<=" else -1)
@@ -143,7 +145,7 @@ def explain(out: Outcome, objective: Objective) -> str:
         r = out.measured[others[0]]
         gives = ", ".join(f"{x} {_fmt(r.get(x))} vs {_fmt(m.get(x))}" for x in (goal, out.latency, "quality"))
         lines.append(
-            f"**Runner-up:** {out.by_key[others[0]].label() or '(default)'} — {gives} "
+            f"**Runner-up:** {name(out, others[0])} — {gives} "
             f"(feasible: {'yes' if objective.feasible(r) else 'no'})."
         )
     return "\n\n".join(lines) + "\n"

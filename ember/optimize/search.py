@@ -198,5 +198,5 @@ def explain_infeasible(objective: Objective, predicted: dict, measured: dict, by
         lines.append("each constraint is met by some configuration, but none meets them all together")
     closest = min(seen, key=lambda k: sum(c.violation(seen[k]) for c in objective.constraints))
     where = "measured" if closest in measured else "predicted"
-    lines.append(f"closest: {by_key[closest].label()} ({where})")
+    lines.append(f"closest: {by_key[closest].label() or '(the default)'} ({where})")
     return "; ".join(lines)

@@ -125,6 +125,22 @@ def held(values: dict[str, list[Any]], base: EngineConfig) -> EngineConfig:
     return engine_with(base, {n: v[0] for n, v in values.items() if len(v) == 1})
 
 
+def default(values: dict[str, list[Any]], base: EngineConfig) -> Candidate:
+    """`base` itself, as a candidate over the engine `held` makes: what `ember serve` would run with no
+    flags, which the pick must beat."""
+    from ember.config.schema import to_plain
+
+    plain = to_plain(base)
+
+    def value(name: str) -> Any:
+        node: Any = plain
+        for part in name.split("."):
+            node = node[part]
+        return node
+
+    return Candidate(tuple((n, value(n)) for n, v in values.items() if len(v) == 1))
+
+
 def candidates(values: dict[str, list[Any]], base: EngineConfig | None = None) -> list[Candidate]:
     """Every valid combination of the settings given several values (apply the others with `held`),
     each engine once."""

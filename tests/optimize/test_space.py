@@ -45,3 +45,16 @@ def test_lossless_is_float32_unquantized():
 def test_unknown_setting_is_refused():
     with pytest.raises(ConfigError, match="unknown setting; searchable:"):
         space(vary={"scheduler.max_seqs": "1,2"})
+
+
+def test_the_default_candidate_undoes_what_is_held():
+    from ember.config import EngineConfig
+    from ember.optimize.space import default, held
+
+    values = space(
+        fields=(), vary={"scheduler.max_num_seqs": "1,8"}, fix={"cache.enable_prefix_caching": "false"}
+    )
+    base = EngineConfig()
+    start = held(values, base)
+    assert start.cache.enable_prefix_caching is False
+    assert default(values, base).engine(start) == base
