@@ -14,6 +14,8 @@ from ember.evals.cli import eval_command
 from ember.flywheel.cli import flywheel
 from ember.gateway.cli import keys_app
 from ember.models.catalog import DEFAULT_MODEL
+from ember.optimize.cli import optimize_command
+from ember.quality.cli import quality_command
 from ember.tune.cli import tune_app
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ app.add_typer(tune_app, name="tune")
 app.add_typer(keys_app, name="keys")
 app.command("eval")(eval_command)
 app.command("flywheel")(flywheel)
+app.command("quality")(quality_command)
+app.command("optimize")(optimize_command)
 
 
 def _version(value: bool) -> None:

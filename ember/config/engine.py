@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("q4_1", "q8_0", "int4", "int8", None)
+# The activation dtype each quantization runs with when none is asked for (int8 also takes bfloat16).
+NATURAL_DTYPE = {"q4_1": "float32", "q8_0": "float32", "int4": "bfloat16", "int8": "float32", None: "float32"}
 
 
 @dataclass
@@ -161,6 +163,7 @@ class SpeculativeConfig:
         help="speculate only while running sequences x (1 + k) stays within this many tokens",
         flag="--speculative-max-batch-tokens",
         minimum=2,
+        search=(8, 16, 32, 64),
     )
     min_acceptance: float = setting(
         0.25,
