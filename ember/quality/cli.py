@@ -4,7 +4,6 @@ float32 unquantized reference (ember.quality.fidelity), on the built-in prompt s
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -87,6 +86,12 @@ def quality_command(
         except (ValueError, RuntimeError) as exc:
             raise fail(exc) from exc
     Console().print(report.table(results))
-    command = "ember " + shlex.join(sys.argv[1:])
+    # The command that reproduces the report, rebuilt from the options (argv is a test runner's in tests).
+    words = ["ember", "quality", "--model", model, *(w for q in quantization for w in ("--quantization", q))]
+    words += [
+        *(["--dtype", dtype] if dtype else []),
+        *(["--prompts", str(prompts_file)] if prompts_file else []),
+    ]
+    command = shlex.join([*words, "--max-tokens", str(max_tokens), "--out", str(out)])
     paths = report.write(results, out, command)
     typer.echo(f"wrote {paths['markdown']}, {paths['json']}")
