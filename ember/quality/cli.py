@@ -41,7 +41,7 @@ def quality_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ember.config import engine_config
-    from ember.config.engine import NATURAL_DTYPE
+    from ember.config.auto import NATURAL_DTYPE
     from ember.quality import report
     from ember.quality.fidelity import measure, reference
     from ember.quality.prompts import builtin_prompts, load_prompts

@@ -1,0 +1,90 @@
+"""`--quantization auto` and `--dtype auto`: the fastest setting this machine runs, and why.
+
+A decode step on a CPU reads every weight once, so it is as fast as the weight bytes are few and the
+kernel keeps up with the memory; the order below is the single-stream tok/s of the default model
+measured with `ember quality` (numbers: benchmarks/QUALITY.md):
+
+1. q4_1 (float32 activations) on ember's C block kernels, where they run (x86-64, AVX2, FMA, F16C);
+2. int4 (bfloat16 activations) through PyTorch's packed kernels, where the CPU has native bfloat16;
+3. int8 (float32 activations) through PyTorch's packed kernel, which needs nothing of the CPU.
+
+Unquantized, float32 wins on a CPU (ember's kernels and oneDNN's packed weights are float32). Off the CPU
+the quantizations do not run and bfloat16 is the fast dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+AUTO = "auto"
+# The activation dtype each quantization runs with when none is asked for (int8 also takes bfloat16).
+NATURAL_DTYPE = {"q4_1": "float32", "q8_0": "float32", "int4": "bfloat16", "int8": "float32", None: "float32"}
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# What the start-up log reports of the CPU: the flags the kernels here could use.
+REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """What `auto` resolved to on this machine, and the reason, for the start-up log."""
+
+    quantization: str | None
+    dtype: str
+    reason: str
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: not Linux, not x86)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def block_kernels_unavailable() -> str | None:
+    """Why q4_1/q8_0 cannot run here (no C kernels, EMBER_CPU_KERNELS=0), or None where they can."""
+    import torch  # here: only resolving `auto` needs torch (and may compile ember's kernels once)
+
+    from ember.backends import select_backend
+
+    try:
+        select_backend("cpu", torch.float32, "q4_1")
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def choose(device: str, quantization: str | None, dtype: str) -> AutoChoice:
+    """Resolve whichever of `quantization` and `dtype` is 'auto'; the other is kept as given."""
+    if device != "cpu":
+        q = None if quantization == AUTO else quantization
+        d = "bfloat16" if dtype == AUTO else dtype
+        return AutoChoice(q, d, f"on {device} the quantizations do not run and bfloat16 is the fast dtype")
+    if quantization != AUTO:
+        d = NATURAL_DTYPE[quantization]
+        return AutoChoice(quantization, d, f"quantization {quantization or 'none'} runs fastest with {d}")
+    flags = cpu_flags()
+    bf16 = [f for f in BF16_FLAGS if f in flags]
+    seen = f"CPU flags {' '.join(f for f in REPORTED_FLAGS if f in flags) or 'unknown'}"
+    if dtype in (AUTO, "float32"):
+        missing = block_kernels_unavailable()
+        if missing is None:
+            return AutoChoice(
+                "q4_1",
+                "float32",
+                f"{seen}: ember's C block kernels (AVX2) run here, and q4_1 weights (4.5 bits) read the "
+                "fewest bytes",
+            )
+        if dtype == AUTO and bf16:
+            return AutoChoice(
+                "int4", "bfloat16", f"{seen}; {missing}; int4 with bfloat16, native on this CPU"
+            )
+        return AutoChoice("int8", "float32", f"{seen}; {missing}; int8 weights on PyTorch's packed kernel")
+    if dtype == "bfloat16":
+        return AutoChoice("int4", "bfloat16", "int4 is the fastest quantization with bfloat16 activations")
+    return AutoChoice(None, dtype, f"no quantization runs with {dtype} activations")
