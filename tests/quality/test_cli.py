@@ -38,3 +38,18 @@ def test_pair_the_engine_does_not_run_exits_2():
     res = runner.invoke(app, ["quality", "-q", "q4_1", "--dtype", "bfloat16"])
     assert res.exit_code == 2
     assert "q4_1 runs with float32 activations" in res.output
+
+
+def test_auto_is_scored_as_what_it_resolves_to(random_model_dirs, tmp_path, monkeypatch):
+    from ember.config import auto
+
+    monkeypatch.setattr(auto, "block_kernels_unavailable", lambda: "no C kernels in this test")
+    monkeypatch.setattr(auto, "cpu_flags", lambda: frozenset())
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["Hi"]))
+    model = str(random_model_dirs["llama-gqa"])
+    args = ["quality", "-m", model, "-q", "auto", "--prompts", str(prompts), "--max-tokens", "2"]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    (result,) = json.loads((tmp_path / "r" / "fidelity.json").read_text())["results"]
+    assert (result["quantization"], result["dtype"]) == ("int8", "float32")
