@@ -1,15 +1,13 @@
 """`--quantization auto` and `--dtype auto`: the fastest setting this machine runs, and why.
 
 A decode step on a CPU reads every weight once, so it is as fast as the weight bytes are few and the
-kernel keeps up with the memory; the order below is the single-stream tok/s of the default model
-measured with `ember quality` (numbers: benchmarks/QUALITY.md):
-
-1. q4_1 (float32 activations) on ember's C block kernels, where they run (x86-64, AVX2, FMA, F16C);
-2. int4 (bfloat16 activations) through PyTorch's packed kernels, where the CPU has native bfloat16;
-3. int8 (float32 activations) through PyTorch's packed kernel, which needs nothing of the CPU.
-
-Unquantized, float32 wins on a CPU (ember's kernels and oneDNN's packed weights are float32). Off the CPU
-the quantizations do not run and bfloat16 is the fast dtype.
+kernel keeps up with the memory. Measured at one stream on the default model with `ember quality`
+(benchmarks/QUALITY.md), fastest first: q4_1 (float32 activations) on ember's C block kernels, where they
+run (x86-64 with AVX2, FMA, F16C, and a C compiler); then int8 (float32 activations) on PyTorch's packed
+kernel, which needs nothing of the CPU, ahead of int4 with bfloat16 even where bfloat16 is native (AVX512-
+BF16, AMX). With bfloat16 asked for, int4 is the bfloat16 quantization. Unquantized, float32 is faster than
+bfloat16 on a CPU (ember's kernels and oneDNN's packed weights are float32). Off the CPU the quantizations
+do not run and bfloat16 is the fast dtype.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from pathlib import Path
 AUTO = "auto"
 # The activation dtype each quantization runs with when none is asked for (int8 also takes bfloat16).
 NATURAL_DTYPE = {"q4_1": "float32", "q8_0": "float32", "int4": "bfloat16", "int8": "float32", None: "float32"}
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # What the start-up log reports of the CPU: the flags the kernels here could use.
 REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
@@ -69,7 +66,6 @@ def choose(device: str, quantization: str | None, dtype: str) -> AutoChoice:
         d = NATURAL_DTYPE[quantization]
         return AutoChoice(quantization, d, f"quantization {quantization or 'none'} runs fastest with {d}")
     flags = cpu_flags()
-    bf16 = [f for f in BF16_FLAGS if f in flags]
     seen = f"CPU flags {' '.join(f for f in REPORTED_FLAGS if f in flags) or 'unknown'}"
     if dtype in (AUTO, "float32"):
         missing = block_kernels_unavailable()
@@ -79,10 +75,6 @@ def choose(device: str, quantization: str | None, dtype: str) -> AutoChoice:
                 "float32",
                 f"{seen}: ember's C block kernels (AVX2) run here, and q4_1 weights (4.5 bits) read the "
                 "fewest bytes",
-            )
-        if dtype == AUTO and bf16:
-            return AutoChoice(
-                "int4", "bfloat16", f"{seen}; {missing}; int4 with bfloat16, native on this CPU"
             )
         return AutoChoice("int8", "float32", f"{seen}; {missing}; int8 weights on PyTorch's packed kernel")
     if dtype == "bfloat16":
