@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ember.config.auto import AUTO, AutoChoice, choose
 from ember.config.schema import ConfigError, Range, build, check, leaves, sections, setting
 from ember.config.units import format_bytes, parse_bytes
 
@@ -15,8 +16,6 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("q4_1", "q8_0", "int4", "int8", None)
-# The activation dtype each quantization runs with when none is asked for (int8 also takes bfloat16).
-NATURAL_DTYPE = {"q4_1": "float32", "q8_0": "float32", "int4": "bfloat16", "int8": "float32", None: "float32"}
 
 
 @dataclass
@@ -213,12 +212,20 @@ class EngineConfig:
         "smollm2-135m-instruct", help="catalog name, local path or HF repo id", aliases=("-m",)
     )
     device: str = setting("cpu", help="cpu or cuda")
-    dtype: str = setting("float32", help="activation (and float weight) dtype", choices=DTYPES, search=DTYPES)
+    dtype: str = setting(
+        "float32",
+        help="activation (and float weight) dtype; auto: the fastest for the quantization on this machine",
+        choices=(AUTO, *DTYPES),
+        search=DTYPES,
+    )
+    # The default stays the exact float32 reference: every exactness test (and a user comparing against
+    # transformers) runs it; `auto` is one flag away and logs what it picked.
     quantization: str | None = setting(
         None,
         help="q4_1 or q8_0: GGUF block formats on ember's CPU kernels (float32); int4: 4-bit weights with "
-        "--dtype bfloat16; int8: any dtype (CPU); none",
-        choices=QUANTIZATIONS,
+        "--dtype bfloat16; int8: any dtype (CPU); auto: the fastest this CPU runs (logged at start-up); "
+        "none: the exact float32 reference",
+        choices=(AUTO, *QUANTIZATIONS),
         search=QUANTIZATIONS,
     )
     max_model_len: int | None = setting(None, help="context length; default: the model's own", minimum=1)
@@ -233,11 +240,16 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # What `auto` resolved to and why (None: nothing was auto); not a setting, so never written to a spec.
+    auto_choice: ClassVar[AutoChoice | None] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.quantization, str):
             self.quantization = self.quantization.strip().lower()
         check(self)
+        if AUTO in (self.quantization, self.dtype):
+            self.auto_choice = choose(self.device, self.quantization, self.dtype)
+            self.quantization, self.dtype = self.auto_choice.quantization, self.auto_choice.dtype
         if self.quantization is None:
             return
         if self.device != "cpu":

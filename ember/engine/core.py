@@ -48,6 +48,9 @@ class EngineCore:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.auto_choice is not None:
+            c = config.auto_choice
+            log.info("auto: quantization %s, dtype %s: %s", c.quantization or "none", c.dtype, c.reason)
         path = resolve_model(config.model)
         self.tokenizer = Tokenizer.from_dir(path, chat_template=config.chat_template)
         self.device = torch.device(config.device)

@@ -4,7 +4,6 @@ float32 unquantized reference (ember.quality.fidelity), on the built-in prompt s
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 import typer
@@ -18,7 +17,7 @@ def quality_command(
         ...,
         "--quantization",
         "-q",
-        help="the setting to score: q4_1, q8_0, int4, int8 or none (with --dtype bfloat16: bf16); repeat "
+        help="the setting to score: q4_1, q8_0, int4, int8, auto or none (with --dtype bfloat16: bf16); repeat "
         "it to score several against one reference",
     ),
     dtype: str | None = typer.Option(
@@ -42,7 +41,7 @@ def quality_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ember.config import engine_config
-    from ember.config.engine import NATURAL_DTYPE
+    from ember.config.auto import AUTO, NATURAL_DTYPE
     from ember.quality import report
     from ember.quality.fidelity import measure, reference
     from ember.quality.prompts import builtin_prompts, load_prompts
@@ -56,7 +55,8 @@ def quality_command(
         settings = []
         for q in quantization:
             q = None if q.strip().lower() in ("", "none") else q.strip().lower()
-            cfg = engine_config(model=model, quantization=q, dtype=dtype or NATURAL_DTYPE.get(q, "float32"))
+            natural = AUTO if q == AUTO else NATURAL_DTYPE.get(q, "float32")  # unknown: refused below
+            cfg = engine_config(model=model, quantization=q, dtype=dtype or natural)
             settings.append((cfg.quantization, cfg.dtype))
     except ValueError as exc:  # ConfigError included: the setting named, with what to change
         raise fail(exc) from exc
@@ -87,6 +87,12 @@ def quality_command(
         except (ValueError, RuntimeError) as exc:
             raise fail(exc) from exc
     Console().print(report.table(results))
-    command = "ember " + shlex.join(sys.argv[1:])
+    # The command that reproduces the report, rebuilt from the options (argv is a test runner's in tests).
+    words = ["ember", "quality", "--model", model, *(w for q in quantization for w in ("--quantization", q))]
+    words += [
+        *(["--dtype", dtype] if dtype else []),
+        *(["--prompts", str(prompts_file)] if prompts_file else []),
+    ]
+    command = shlex.join([*words, "--max-tokens", str(max_tokens), "--out", str(out)])
     paths = report.write(results, out, command)
     typer.echo(f"wrote {paths['markdown']}, {paths['json']}")

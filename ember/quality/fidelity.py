@@ -18,8 +18,10 @@ itself gets agreement 1.0 and KL 0 exactly.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -70,7 +72,8 @@ class Fidelity:
     kl_p99: float  # ... its 99th percentile
     sequence_agreement: float  # fraction of prompts whose greedy continuation is identical
     tokens_per_s: float  # the candidate's single-sequence decode, model steps only
-    reference_tokens_per_s: float  # the reference's, measured the same way on the same prompts
+    reference_tokens_per_s: float  # the reference's, on the same prompts and tokens, timed alongside
+    speedup: float  # median over prompts of reference time / candidate time, each pair timed back to back
     per_prompt: list[PromptFidelity]
 
     def to_json(self) -> dict:
@@ -106,6 +109,7 @@ def measure(
     prompts: list[str],
     max_tokens: int = 32,
     reference: Reference | None = None,
+    time_reference: bool = True,
     progress: Progress | None = None,
 ) -> Fidelity:
     """Score `quantization` at `dtype` against the float32 unquantized reference on `prompts`.
@@ -114,6 +118,11 @@ def measure(
     several settings then decodes the reference once); without it, it is built here first (`progress`
     then counts its prompts, then the candidate's). An unknown quantization or dtype, or a pair the
     engine does not run, raises ConfigError before any model is loaded.
+
+    Speed on a busy machine drifts by more than the settings differ, so by default the reference engine
+    is loaded again and each prompt's tokens are decoded by both back to back, in alternating order: the
+    speedup is the median of those pairs. `time_reference=False` skips that (half the work); the
+    reference's speed is then the one measured when it was built, at another time.
     """
     _check_inputs(prompts, max_tokens)
     # Refuse a bad setting before any model loads, and name it as the engine reads it ('none' -> None).
@@ -130,13 +139,24 @@ def measure(
             f"({ref.model!r}, {len(ref.prompts)} prompts, max_tokens {ref.max_tokens}); build it with "
             "reference(model, prompts=..., max_tokens=...) for these"
         )
-    per_prompt, kls, seconds = [], [], 0.0
-    with _open(model, quantization, dtype) as llm:
+    per_prompt, kls, seconds, ref_seconds, pairs = [], [], 0.0, 0.0, []
+    timer = _open(model, None, REFERENCE_DTYPE) if time_reference else nullcontext()
+    with _open(model, quantization, dtype) as llm, timer as ref_llm:
         for i in range(len(prompts)):
             if _prompt_ids(llm, prompts[i]) != ref.prompt_ids[i]:
                 raise ValueError(f"prompt {i} tokenizes differently for the candidate than for the reference")
-            _, cand, s = _decode(llm, ref.prompt_ids[i], max_tokens, forced=ref.tokens[i])
-            seconds += s
+            args = (ref.prompt_ids[i], max_tokens, ref.tokens[i])
+            # Each pair back to back, who goes first alternating, so a drift in speed falls on both alike.
+            if ref_llm is not None and i % 2:
+                rs = _decode(ref_llm, *args)[2]
+            _, cand, cs = _decode(llm, *args)
+            if ref_llm is not None and not i % 2:
+                rs = _decode(ref_llm, *args)[2]
+            seconds += cs
+            if ref_llm is not None:
+                ref_seconds += rs
+                if cs > 0 and rs > 0:
+                    pairs.append(rs / cs)
             kl = kl_divergence(ref.logprobs[i], cand)
             kls.append(kl)
             hits = cand.argmax(-1) == torch.tensor(ref.tokens[i])
@@ -147,6 +167,8 @@ def measure(
                 progress(i + 1, len(prompts))
     all_kl = torch.cat(kls).double()
     n = sum(p.tokens for p in per_prompt)
+    rate = _rate(ref.tokens, seconds)
+    ref_rate = _rate(ref.tokens, ref_seconds) if time_reference else ref.tokens_per_s
     return Fidelity(
         model=model,
         quantization=quantization,
@@ -158,8 +180,9 @@ def measure(
         kl_mean=float(all_kl.mean()),
         kl_p99=float(torch.quantile(all_kl, 0.99)),
         sequence_agreement=sum(p.first_divergence is None for p in per_prompt) / len(per_prompt),
-        tokens_per_s=_rate(ref.tokens, seconds),
-        reference_tokens_per_s=ref.tokens_per_s,
+        tokens_per_s=rate,
+        reference_tokens_per_s=ref_rate,
+        speedup=statistics.median(pairs) if pairs else (rate / ref_rate if ref_rate else 0.0),
         per_prompt=per_prompt,
     )
 

@@ -82,7 +82,8 @@ def summary(
         speculative += f", k={spec.num_speculative_tokens}"
     lines = [
         f"model: {served_name} ({describe_source(config.model)})",
-        f"device: {config.device}, dtype: {config.dtype}, quantization: {config.quantization or 'none'}",
+        f"device: {config.device}, dtype: {config.dtype}, quantization: {config.quantization or 'none'}"
+        + (f" (auto: {config.auto_choice.reason})" if config.auto_choice is not None else ""),
         f"context length: {info.max_model_len} tokens",
         f"KV cache: {info.num_blocks} blocks x {info.block_size} tokens = {info.pool_tokens} tokens"
         f"{', prefix caching on' if config.cache.enable_prefix_caching else ''}",

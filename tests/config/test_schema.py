@@ -64,9 +64,9 @@ def test_sizes_print_readably_and_read_back_equal(text):
 
 
 def test_refusals_name_the_field_and_what_is_allowed():
-    with pytest.raises(ConfigError, match=r"^quantization: must be q4_1, q8_0, int4, int8 or none"):
+    with pytest.raises(ConfigError, match=r"^quantization: must be auto, q4_1, q8_0, int4, int8 or none"):
         EngineConfig(quantization="q5")
-    with pytest.raises(ConfigError, match=r"^dtype: must be float32, bfloat16 or float16"):
+    with pytest.raises(ConfigError, match=r"^dtype: must be auto, float32, bfloat16 or float16"):
         EngineConfig(dtype="fp8")
     with pytest.raises(ConfigError, match=r"^block_size: must be at least 1"):
         CacheConfig(block_size=0)

@@ -60,7 +60,7 @@ def test_a_partial_file_takes_the_defaults(tmp_path):
     [
         (
             {"engine": {"quantization": "q5"}},
-            r"^engine\.quantization: must be q4_1, q8_0, int4, int8 or none",
+            r"^engine\.quantization: must be auto, q4_1, q8_0, int4, int8 or none",
         ),
         (
             {"engine": {"cache": {"blok_size": 8}}},

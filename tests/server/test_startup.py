@@ -79,3 +79,13 @@ def test_summary_says_what_is_served_and_ends_with_the_ready_line():
     assert "embeddings: all-minilm-l6-v2" in text
     assert "speculative decoding: ngram, k=4" in text
     assert lines[-1].startswith("ready on http://127.0.0.1:8000")
+
+
+def test_summary_says_what_auto_picked_and_why(monkeypatch):
+    from ember.config import auto
+
+    monkeypatch.setattr(auto, "block_kernels_unavailable", lambda: None)
+    config = engine_config(quantization="auto")
+    info = EngineInfo(max_model_len=8192, vocab_size=49152, num_blocks=100, block_size=16)
+    text = "\n".join(startup.summary(config, ServerConfig(), info, "m", "http://127.0.0.1:8000"))
+    assert "dtype: float32, quantization: q4_1 (auto: " in text and "block kernels" in text
