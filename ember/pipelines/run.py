@@ -90,11 +90,7 @@ class PipelineRun:
     async def run_step(self, name: str, attempt: int = 0) -> Any:
         """The step evaluated afresh, its trace entry written however it ended."""
         step = self.steps[name]
-        entry: dict[str, Any] = {
-            "step": name,
-            "kind": step.kind,
-            "start_ms": round((time.monotonic() - self.started) * 1000, 1),
-        }
+        entry: dict[str, Any] = {"step": name, "kind": step.kind}
         if getattr(step, "model", None):
             entry["model"] = step.model
         if attempt:
@@ -115,15 +111,25 @@ class PipelineRun:
             entry["status"] = "failed"
             raise StepFailed(name, f"{type(exc).__name__}: {exc}") from None
         finally:
+            if "start_ms" not in entry:  # it failed before its inputs were ready
+                self.begin(entry)
             entry.setdefault("status", "ok")
             entry["duration_ms"] = round((time.monotonic() - began) * 1000, 1)
-            self.trace.append(entry)
 
-    async def namespace(self, texts: list[str]) -> dict:
-        """`input` and the value of every step the templates name, those awaited together."""
+    def begin(self, entry: dict) -> None:
+        """A step's own work starts (what it reads is ready): its entry joins the trace, which so lists
+        the steps in the order they did their work."""
+        entry["start_ms"] = round((time.monotonic() - self.started) * 1000, 1)
+        self.trace.append(entry)
+
+    async def namespace(self, texts: list[str], entry: dict | None = None) -> dict:
+        """`input` and the value of every step the templates name, those awaited together; then the step
+        of `entry` begins."""
         heads = list(dict.fromkeys(p.split(".")[0] for t in texts for p in variables(t)))
         heads = [h for h in heads if h in self.steps]
         values = await asyncio.gather(*(self.value(h) for h in heads))
+        if entry is not None:
+            self.begin(entry)
         return {"input": self.input, **dict(zip(heads, values, strict=True))}
 
     # -- asking a model -------------------------------------------------------------------------------
@@ -176,13 +182,13 @@ def count(entry: dict, usage: dict | None) -> None:
 
 
 async def _generate(run: PipelineRun, step: GenerateStep, entry: dict) -> Any:
-    ns = await run.namespace(list(step.templates().values()))
+    ns = await run.namespace(list(step.templates().values()), entry)
     body = run.body(step, ns, step.response_format)
     return await run.ask(body, entry, step.timeout_s, step.response_format is not None)
 
 
 async def _tool(run: PipelineRun, step: ToolStep, entry: dict) -> Any:
-    ns = await run.namespace(list(step.templates().values()))
+    ns = await run.namespace(list(step.templates().values()), entry)
     arguments = {k: _argument(v, ns) for k, v in step.arguments.items()}
     if step.function is not None:
         fn = resolve_function(step.function, step.name)
@@ -210,7 +216,7 @@ def _argument(value: Any, ns: dict) -> Any:
 
 
 async def _route(run: PipelineRun, step: RouteStep, entry: dict) -> Any:
-    ns = await run.namespace(list(step.templates().values()))
+    ns = await run.namespace(list(step.templates().values()), entry)
     text = render(step.input, ns)
     labels = list(step.routes)
     if step.by == "classifier":
@@ -267,8 +273,8 @@ def _cosine(a: list[float], b: list[float]) -> float:
     return dot / norm if norm > 0 else 0.0
 
 
-async def _items(run: PipelineRun, step: MapStep | FilterStep) -> tuple[list, dict]:
-    ns = await run.namespace(["{{" + step.over + "}}", *step.templates().values()])
+async def _items(run: PipelineRun, step: MapStep | FilterStep, entry: dict) -> tuple[list, dict]:
+    ns = await run.namespace(["{{" + step.over + "}}", *step.templates().values()], entry)
     items = lookup(step.over, ns)
     if not isinstance(items, list):
         raise StepFailed(step.name, f"'{step.over}' is not a list at run time ({type(items).__name__})")
@@ -276,7 +282,7 @@ async def _items(run: PipelineRun, step: MapStep | FilterStep) -> tuple[list, di
 
 
 async def _map(run: PipelineRun, step: MapStep, entry: dict) -> list:
-    items, ns = await _items(run, step)
+    items, ns = await _items(run, step, entry)
     entry["items"] = len(items)
     bodies = [run.body(step, {**ns, "item": item}, step.response_format) for item in items]
     parse = step.response_format is not None
@@ -284,7 +290,7 @@ async def _map(run: PipelineRun, step: MapStep, entry: dict) -> list:
 
 
 async def _filter(run: PipelineRun, step: FilterStep, entry: dict) -> list:
-    items, ns = await _items(run, step)
+    items, ns = await _items(run, step, entry)
     bodies = [run.body(step, {**ns, "item": item}, _KEEP, "keep") for item in items]
     verdicts = await asyncio.gather(*(run.ask(b, entry, step.timeout_s, True) for b in bodies))
     kept = [item for item, v in zip(items, verdicts, strict=True) if isinstance(v, dict) and v.get("keep")]
@@ -301,6 +307,9 @@ async def _check(run: PipelineRun, step: CheckStep, entry: dict) -> Any:
         except StepFailed as exc:
             why = str(exc)
             continue
+        finally:
+            if "start_ms" not in entry:
+                run.begin(entry)
         text = value if isinstance(value, str) else json.dumps(value)
         sample = {"output_text": text, "output_json": value if not isinstance(value, str) else None}
         graded = await asyncio.wait_for(

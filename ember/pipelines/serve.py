@@ -139,9 +139,8 @@ class PipelineBackend:
         out = pipeline.step(pipeline.output)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream and out.kind == "generate" and self._local(out.model, ctx.tenant):
-            ns = await run.namespace(list(out.templates().values()))
             entry = {"step": out.name, "kind": out.kind, "model": out.model}
-            entry["start_ms"] = round((time.monotonic() - started) * 1000, 1)
+            ns = await run.namespace(list(out.templates().values()), entry)
             request = run.body(out, ns, out.response_format)
             try:
                 stream = await asyncio.wait_for(run.services.chat(request, stream=True), out.timeout_s)
@@ -194,7 +193,6 @@ class PipelineBackend:
         finally:
             entry.setdefault("status", "ok")
             entry["duration_ms"] = round((time.monotonic() - began) * 1000, 1)
-            run.trace.append(entry)
         for chunk in self._tail(run, rid, created, model, include_usage):
             yield chunk
 
@@ -266,7 +264,7 @@ def _input(body: ChatCompletionRequest) -> str:
 
 
 def _trace(run: PipelineRun) -> dict:
-    steps = sorted(run.trace, key=lambda e: e["start_ms"])
+    steps = list(run.trace)
     total = round((time.monotonic() - run.started) * 1000, 1)
     return {"name": run.pipeline.name, "output": run.pipeline.output, "duration_ms": total, "steps": steps}
 

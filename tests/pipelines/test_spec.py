@@ -9,13 +9,15 @@ import pytest
 from ember.pipelines.check import check_models
 from ember.pipelines.spec import SpecError, load, parse
 
+MODEL = "smollm2-135m-instruct"
+
 SUPPORT = {
     "steps": [
         {
             "name": "triage",
             "kind": "route",
             "by": "classifier",
-            "model": "base",
+            "model": MODEL,
             "routes": {"billing": "billing", "tech": "tech"},
         },
         {"name": "billing", "kind": "generate", "model": "billing-lora", "prompt": "{{input}}"},
@@ -33,7 +35,7 @@ SUPPORT = {
             },
             "fallback": "careful",
         },
-        {"name": "careful", "kind": "generate", "model": "base", "prompt": "Politely: {{input}}"},
+        {"name": "careful", "kind": "generate", "model": MODEL, "prompt": "Politely: {{input}}"},
     ],
     "output": "checked",
 }
@@ -43,7 +45,7 @@ FACTS = {
         {
             "name": "facts",
             "kind": "generate",
-            "model": "base",
+            "model": MODEL,
             "prompt": "{{input}}",
             "response_format": {
                 "type": "object",
@@ -55,10 +57,10 @@ FACTS = {
             "name": "checks",
             "kind": "map",
             "over": "facts.claims",
-            "model": "base",
+            "model": MODEL,
             "prompt": "Is it true: {{item}}",
         },
-        {"name": "summary", "kind": "generate", "model": "base", "prompt": "{{checks}} {{facts.claims.0}}"},
+        {"name": "summary", "kind": "generate", "model": MODEL, "prompt": "{{checks}} {{facts.claims.0}}"},
     ],
     "output": "summary",
 }
@@ -116,7 +118,7 @@ def test_an_output_that_does_not_fit_the_next_steps_schema_is_refused():
 
 def test_an_unknown_model_is_refused_at_serve_time():
     pipeline = parse(SUPPORT)
-    names = ["base", "billing-lora"]
+    names = [MODEL, "billing-lora"]
     with pytest.raises(SpecError) as exc:
         check_models(pipeline, lambda m: m in names, names)
     assert (exc.value.step, exc.value.field) == ("tech", "model")
@@ -132,7 +134,7 @@ def test_other_mistakes_name_the_step_and_field():
     _refused(_with(SUPPORT, 2, prompt="{{billing}}"), "tech", "prompt", "runs only when 'triage' picks it")
     _refused(_with(SUPPORT, 1, prompt="{{item}}"), "billing", "prompt", "only defined in map and filter")
     unused = copy.deepcopy(SUPPORT)
-    unused["steps"].append({"name": "spare", "kind": "generate", "model": "base", "prompt": "hi"})
+    unused["steps"].append({"name": "spare", "kind": "generate", "model": MODEL, "prompt": "hi"})
     _refused(unused, "spare", None, "not used by the output")
     _refused({**SUPPORT, "output": "nope"}, None, "output", "names no step")
     _refused(_with(SUPPORT, 0, by="embedding"), "triage", "examples", "needs `examples`")
