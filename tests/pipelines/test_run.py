@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from ember.config import ServerConfig
 from ember.config.schema import ConfigError
 from ember.pipelines.run import PipelineRun, StepFailed
 from ember.pipelines.spec import parse
+from ember.router import Candidate, LearnedRouter
+from ember.router.features import TEXT_FEATURES, FeatureConfig
+from ember.router.model import Heads
 
 
 class Services:
@@ -36,6 +40,9 @@ class Services:
 
     async def embed(self, model, texts: list[str]) -> list[list[float]]:
         return [[t.count("a"), t.count("b"), t.count("c")] for t in texts]
+
+    def router(self, path: str):
+        return LearnedRouter.load(path)
 
 
 def _run(spec: dict, services: Services, text: str = "hello"):
@@ -94,6 +101,33 @@ def test_a_check_retries_then_falls_back():
     assert value == "good" and [e["step"] for e in trace] == ["g", "c", "g"] and trace[2]["attempt"] == 1
     value, trace = _run(spec, Services(answers=["bad", "worse", "plan b"]))
     assert value == "plan b" and [e["step"] for e in trace] == ["g", "c", "g", "f"]
+
+
+def test_a_learned_route_sends_long_inputs_to_the_strong_model(tmp_path):
+    dim = len(TEXT_FEATURES)
+    coef = np.zeros((2, dim))
+    coef[0, TEXT_FEATURES.index("log_chars")] = -4.0  # the cheap model fails on long inputs
+    heads = Heads(np.full(dim, 3.0), np.ones(dim), coef, np.array([0.0, 5.0]))
+    candidates = [Candidate("small", 1.0), Candidate("big", 10.0)]
+    path = LearnedRouter(candidates, FeatureConfig(embedding=None), heads).save(tmp_path / "router")
+    spec = {
+        "steps": [
+            {
+                "name": "r",
+                "kind": "route",
+                "by": "learned",
+                "path": str(path),
+                "threshold": 0.5,
+                "routes": {"small": "cheap", "big": "strong"},
+            },  # fmt: skip
+            _gen("cheap", "cheap:{{input}}"),
+            _gen("strong", "strong:{{input}}"),
+        ],
+        "output": "r",
+    }
+    assert _run(spec, Services(), "hi")[0] == "CHEAP:HI"
+    value, trace = _run(spec, Services(), "a long question " * 20)
+    assert value.startswith("STRONG:") and trace[0]["picked"] == "big"
 
 
 def boom(x: str) -> str:
