@@ -66,7 +66,7 @@ def spec(model: str, max_tokens: int) -> dict:
                 "kind": "tool",
                 "function": "benchmarks.pipeline_map:tickets",
                 "arguments": {"n": ITEMS},
-            },  # fmt: skip
+            },
             {
                 "name": "tagged",
                 "kind": "map",
@@ -75,7 +75,8 @@ def spec(model: str, max_tokens: int) -> dict:
                 "system": INSTRUCTION,
                 "prompt": "{{item}}",
                 "max_tokens": max_tokens,
-            },  # fmt: skip
+                "timeout_s": 1200,  # a busy machine: the batch may take minutes
+            },
         ],
         "output": "tagged",
     }

@@ -68,6 +68,10 @@ class Services(Protocol):
 
     def router(self, path: str) -> Any: ...
 
+    def local(self, model: str) -> bool:
+        """Whether `model` runs on ember's own engine (whose prefix cache the steps share)."""
+        ...
+
 
 class PipelineRun:
     def __init__(self, pipeline: Pipeline, services: Services, input_text: str, tenant: str | None = None):
@@ -159,7 +163,34 @@ class PipelineRun:
         """The model's answer to `body` (parsed JSON with `parse`), its tokens added to `entry`."""
         answer = await asyncio.wait_for(self.services.chat(body), timeout_s)
         count(entry, answer.get("usage"))
-        text = answer["choices"][0]["message"].get("content") or ""
+        return self.parsed(answer["choices"][0]["message"].get("content") or "", entry, parse)
+
+    async def ask_all(self, bodies: list[dict], entry: dict, timeout_s: float, parse: bool) -> list:
+        """The answers to a map's or a filter's requests. On ember's engine the first goes alone until its
+        prompt is computed (a stream's first chunk comes after its prefill), so that the prefix the items
+        share (their template before `{{item}}`) is in the prefix cache; then all the others at once, each
+        computing only what follows that prefix."""
+        if len(bodies) < 2 or not self.services.local(bodies[0]["model"]):
+            return list(await asyncio.gather(*(self.ask(b, entry, timeout_s, parse) for b in bodies)))
+        deadline = time.monotonic() + timeout_s
+        stream = await asyncio.wait_for(self.services.chat(bodies[0], stream=True), timeout_s)
+
+        async def lead() -> Any:
+            text = ""
+            try:
+                async for chunk in stream.chunks:
+                    count(entry, chunk.get("usage"))
+                    for choice in chunk.get("choices") or []:
+                        text += (choice.get("delta") or {}).get("content") or ""
+            finally:
+                stream.close()
+            return self.parsed(text, entry, parse)
+
+        left = max(deadline - time.monotonic(), 0.001)
+        rest = [self.ask(b, entry, left, parse) for b in bodies[1:]]
+        return list(await asyncio.gather(asyncio.wait_for(lead(), left), *rest))
+
+    def parsed(self, text: str, entry: dict, parse: bool) -> Any:
         if not parse:
             return text
         try:
@@ -285,14 +316,13 @@ async def _map(run: PipelineRun, step: MapStep, entry: dict) -> list:
     items, ns = await _items(run, step, entry)
     entry["items"] = len(items)
     bodies = [run.body(step, {**ns, "item": item}, step.response_format) for item in items]
-    parse = step.response_format is not None
-    return list(await asyncio.gather(*(run.ask(b, entry, step.timeout_s, parse) for b in bodies)))
+    return await run.ask_all(bodies, entry, step.timeout_s, step.response_format is not None)
 
 
 async def _filter(run: PipelineRun, step: FilterStep, entry: dict) -> list:
     items, ns = await _items(run, step, entry)
     bodies = [run.body(step, {**ns, "item": item}, _KEEP, "keep") for item in items]
-    verdicts = await asyncio.gather(*(run.ask(b, entry, step.timeout_s, True) for b in bodies))
+    verdicts = await run.ask_all(bodies, entry, step.timeout_s, True)
     kept = [item for item, v in zip(items, verdicts, strict=True) if isinstance(v, dict) and v.get("keep")]
     entry["items"], entry["kept"] = len(items), len(kept)
     return kept

@@ -138,7 +138,7 @@ class PipelineBackend:
         rid, created = "chatcmpl-" + uuid.uuid4().hex, int(time.time())
         out = pipeline.step(pipeline.output)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream and out.kind == "generate" and self._local(out.model, ctx.tenant):
+        if body.stream and out.kind == "generate" and self.local(out.model, ctx.tenant):
             entry = {"step": out.name, "kind": out.kind, "model": out.model}
             ns = await run.namespace(list(out.templates().values()), entry)
             request = run.body(out, ns, out.response_format)
@@ -172,7 +172,8 @@ class PipelineBackend:
             answer["perf_metrics"] = _perf(run.trace, started, first)
         return answer
 
-    def _local(self, model: str, tenant: str | None) -> bool:
+    def local(self, model: str, tenant: str | None) -> bool:
+        """Whether `model` runs on ember's engine for `tenant` (not a --provider's)."""
         route = self.routing.resolve(model, tenant)
         return route is not None and route.local
 
@@ -251,6 +252,9 @@ class _Services:
 
     def router(self, path: str):
         return self.backend.router(path)
+
+    def local(self, model: str) -> bool:
+        return self.backend.local(model, self.ctx.tenant)
 
 
 def _input(body: ChatCompletionRequest) -> str:

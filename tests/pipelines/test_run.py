@@ -44,6 +44,9 @@ class Services:
     def router(self, path: str):
         return LearnedRouter.load(path)
 
+    def local(self, model: str) -> bool:
+        return False
+
 
 def _run(spec: dict, services: Services, text: str = "hello"):
     run = PipelineRun(parse(spec), services, text)

@@ -158,7 +158,9 @@ def test_map_items_run_together_with_tool_and_filter(server):
     assert set(_steps(trace)) == {"numbers", "said", "evens", "out"}
     evens = next(s for s in trace["steps"] if s["step"] == "evens")
     assert (evens["items"], evens["kept"]) == (8, 4)
-    assert engine.most_in_flight >= 16  # the map's and the filter's 8 items each, in flight at once
+    # Each list's first item goes alone until its prompt is computed (so the rest find the shared prefix in
+    # the cache); then the map's and the filter's 7 others are in flight at once.
+    assert engine.most_in_flight >= 14
 
 
 def test_a_step_that_hangs_answers_an_error_in_time(server):
