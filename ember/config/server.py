@@ -161,6 +161,21 @@ def parse_provider(spec: str) -> ProviderSpec:
     return ProviderSpec(name, url.rstrip("/"), given.get("key_env", default_key_env(name)), kind)
 
 
+def parse_pipelines(specs: list[str]) -> dict[str, str]:
+    """['support=support.yaml', ...] -> {'support': 'support.yaml'} (the files are read when the config is
+    made: ServerConfig.pipeline_specs)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--pipeline takes NAME=SPEC.yaml (got '{spec}')")
+        if name in out:
+            raise ValueError(f"--pipeline: '{name}' is given twice")
+        out[name] = path
+    return out
+
+
 def parse_fallbacks(specs: list[str]) -> dict[str, list[str]]:
     """['m=up/m2,local', ...] -> {'m': ['up/m2', 'local']}"""
     out: dict[str, list[str]] = {}
@@ -368,6 +383,14 @@ class ServerConfig:
     provider_failures: int = setting(
         3, help="consecutive failed calls after which a provider cools down", minimum=1
     )
+    # Compound AI pipelines (ember.pipelines), each served as a model under its name.
+    pipelines: dict[str, str] = setting(
+        factory=dict,
+        help="NAME=SPEC.yaml: serve the pipeline of SPEC.yaml (steps of models, adapters, tools, routes, "
+        "checks) as the model NAME (repeatable)",
+        flag="--pipeline",
+        parse=parse_pipelines,
+    )
     allowed_origins: list[str] = setting(
         factory=list,
         help="CORS: a browser origin allowed to call the API (repeatable or comma-separated; * for any); "
@@ -487,6 +510,7 @@ class ServerConfig:
                 f"--admin-key-file or ${API_KEYS_ENV} / ${ADMIN_KEY_ENV}"
             )
         self._providers = self._read_providers()
+        self._pipelines = self._read_pipelines()
         self._keys = self._read_keys(os.environ)
         api, admin = self._keys.api, self._keys.admin
         if admin is not None and (not admin.strip() or admin in api):
@@ -511,6 +535,22 @@ class ServerConfig:
                 raise ConfigError("providers", f"--provider {parsed.name} is given twice")
             providers[parsed.name] = parsed
         return providers
+
+    def _read_pipelines(self) -> dict:
+        from ember.pipelines.spec import SpecError, load
+
+        loaded = {}
+        for name, path in self.pipelines.items():
+            try:
+                loaded[name] = load(path, name)
+            except SpecError as exc:
+                raise ConfigError("pipelines", f"--pipeline {name}={path}: {exc}") from None
+        return loaded
+
+    @property
+    def pipeline_specs(self) -> dict:
+        """The --pipeline specs by name, loaded and checked (ember.pipelines.spec.Pipeline)."""
+        return self._pipelines
 
     @property
     def provider_specs(self) -> dict[str, ProviderSpec]:

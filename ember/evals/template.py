@@ -29,6 +29,11 @@ def lookup(path: str, namespaces: dict):
     return value
 
 
+def variables(text: str) -> list[str]:
+    """The dotted paths `text` refers to (`{{item.a}}` -> 'item.a'), in order."""
+    return _VAR.findall(text)
+
+
 def render(text: str, namespaces: dict) -> str:
     """`text` with every `{{path}}` replaced by its value."""
 

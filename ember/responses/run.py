@@ -90,6 +90,7 @@ class ResponseRun:
         self.context = RequestContext(context.cache_salt, disconnected, context.priority, context.tenant)
         self._first: Stream | None = None
         self._finish_reason: str | None = None  # the last turn's
+        self.pipeline: dict | None = None  # the steps a pipeline model took (ember.pipelines.serve)
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -209,6 +210,8 @@ class ResponseRun:
             async for chunk in self._chunks(stream):
                 if chunk.get("usage"):
                     self._count(chunk["usage"])
+                if chunk.get("pipeline"):
+                    self.pipeline = chunk["pipeline"]
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
                     if delta.get("content"):
@@ -402,7 +405,7 @@ class ResponseRun:
             "metadata": req.metadata or {},
             "background": False,
             "service_tier": "default",
-        }
+        } | ({"pipeline": self.pipeline} if self.pipeline is not None else {})
 
 
 def _part(text: str) -> dict:

@@ -45,6 +45,7 @@ from ember.gateway.limits import Limited
 from ember.gateway.providers import RawStream
 from ember.gateway.routing import GATEWAY_ERRORS, Route, Routing, error_answer
 from ember.lora.adapter import AdapterError, precheck
+from ember.pipelines.run import StepFailed
 from ember.protocol.requests import AdapterRequest, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from ember.server import middleware
 from ember.server.backend import ClientGone, EmbeddingBackend, EngineBackend, RequestContext, Stream
@@ -247,6 +248,11 @@ def create_app(
     if platform is not None:  # keys, limits and usage live in the store (ember.gateway)
         state.gateway = Gateway(platform.store, engine.metrics.registry, state.prices)
         backend = state.gateway.metered(backend)
+    pipelines = None
+    if options.pipeline_specs:  # served as models, their steps run through `routing` (attached below)
+        from ember.pipelines.serve import PipelineBackend
+
+        backend = pipelines = PipelineBackend(backend, options.pipeline_specs, state.mcp)
     # Where a request's model runs: the engine (metered, above) or a --provider, then its --fallback targets.
     routing = Routing.from_config(backend, options, engine.metrics.provider_calls)
     app.state.routing = routing
@@ -427,12 +433,12 @@ def create_app(
         req.check_supported(state.allow_unknown_fields)
         return await _embed(req, tenant, priority)
 
+    endpoints = {
+        "/v1/chat/completions": chat_endpoint,
+        "/v1/completions": completions_endpoint,
+        "/v1/embeddings": embeddings_endpoint,
+    }
     if platform is not None:
-        endpoints = {
-            "/v1/chat/completions": chat_endpoint,
-            "/v1/completions": completions_endpoint,
-            "/v1/embeddings": embeddings_endpoint,
-        }
         ctx = PlatformContext(
             state,
             engine,
@@ -445,6 +451,9 @@ def create_app(
         )
         app.state.platform = ctx  # the features' context (tests and tools reach `call` through it)
         _install_platform(app, ctx)
+    if pipelines is not None:  # after the platform: the aliases it serves are models the steps may name
+        name = embeddings.name if embeddings is not None else None
+        pipelines.attach(routing, _internal_caller(app, endpoints), list(options.loras), name)
     return app
 
 
@@ -577,6 +586,11 @@ def _install_error_handlers(app: FastAPI) -> None:
                 msgs.append(msg)
         msg = " or ".join([msgs[0]] + [m.removeprefix("Input should be ") for m in msgs[1:]])
         return _error(400, f"'{where or 'body'}': {msg}", param=where or None)
+
+    @app.exception_handler(StepFailed)
+    async def _step_failed(_: Request, exc: StepFailed) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        return _error(exc.status, str(exc), code="pipeline_step_failed", kind=kind)
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, exc: ClientGone) -> JSONResponse:

@@ -210,7 +210,11 @@ def _serve(config: EngineConfig, options: ServerConfig, sock: socket.socket) -> 
             options.max_tuning_jobs,
             platform=state.platform,
         )
-    app = create_app(engine, served, state, options)
+    try:  # a --pipeline naming a model this server lacks is refused here, once the names are known
+        app = create_app(engine, served, state, options)
+    except ValueError:
+        engine.shutdown()
+        raise
     if not keys.api:
         log.warning(
             "no --api-key given: the API is open to anyone who can reach %s:%d", options.host, options.port

@@ -9,10 +9,13 @@ def assemble(chunks: list[dict]) -> dict:
     """chat.completion.chunk dicts, in order -> one chat.completion dict."""
     choices: dict[int, dict] = {}
     usage = None
+    pipeline = None  # a pipeline's trace (ember.pipelines.serve), on a chunk of its own
     head = chunks[0] if chunks else {}
     for chunk in chunks:
         if chunk.get("usage"):
             usage = chunk["usage"]
+        if chunk.get("pipeline"):
+            pipeline = chunk["pipeline"]
         for c in chunk.get("choices", ()):
             choice = choices.setdefault(
                 c["index"],
@@ -40,6 +43,8 @@ def assemble(chunks: list[dict]) -> dict:
         out["system_fingerprint"] = head["system_fingerprint"]
     if usage is not None:
         out["usage"] = usage
+    if pipeline is not None:
+        out["pipeline"] = pipeline
     return out
 
 

@@ -1,0 +1,1 @@
+"""Compound AI pipelines: declared steps of models, adapters, tools, routes and checks, served as a model."""
