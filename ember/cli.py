@@ -14,6 +14,7 @@ from ember.evals.cli import eval_command
 from ember.flywheel.cli import flywheel
 from ember.gateway.cli import keys_app
 from ember.models.catalog import DEFAULT_MODEL
+from ember.router.cli import router_app
 from ember.tune.cli import tune_app
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ models_app = typer.Typer(help="The models ember knows: catalog, imported, cached
 app.add_typer(models_app, name="models")
 app.add_typer(tune_app, name="tune")
 app.add_typer(keys_app, name="keys")
+app.add_typer(router_app, name="router")
 app.command("eval")(eval_command)
 app.command("flywheel")(flywheel)
 
