@@ -16,6 +16,7 @@ from ember.gateway.cli import keys_app
 from ember.models.catalog import DEFAULT_MODEL
 from ember.optimize.cli import optimize_command
 from ember.quality.cli import quality_command
+from ember.router.cli import router_app
 from ember.tune.cli import tune_app
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ models_app = typer.Typer(help="The models ember knows: catalog, imported, cached
 app.add_typer(models_app, name="models")
 app.add_typer(tune_app, name="tune")
 app.add_typer(keys_app, name="keys")
+app.add_typer(router_app, name="router")
 app.command("eval")(eval_command)
 app.command("flywheel")(flywheel)
 app.command("quality")(quality_command)

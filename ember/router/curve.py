@@ -89,3 +89,27 @@ def compare(probs: np.ndarray, scores: np.ndarray, costs: np.ndarray, tol: float
         "min_gain": min(gains),
         "mean_gain": float(np.mean(gains)),
     }
+
+
+def plot(comparison: dict, names: list[str], path: str, title: str = "router vs random routing") -> None:
+    """The router's points and random routing's hull, cost on x and quality on y, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, singles = comparison["points"], comparison["singles"]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.plot([p["cost"] for p in points], [p["quality"] for p in points], "o-", ms=3, label="learned router")
+    ax.plot([p["cost"] for p in points], [p["random_quality"] for p in points], "--", label="random routing")
+    for name, s in zip(names, singles, strict=True):
+        ax.annotate(name, (s["cost"], s["quality"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.scatter([s["cost"] for s in singles], [s["quality"] for s in singles], c="k", s=18, zorder=3)
+    ax.set_xlabel("mean cost per request (USD)")
+    ax.set_ylabel("mean quality (score of the chosen answer)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -3,10 +3,11 @@
 From a JSONL file, one example a line:
 
     {"input": "What is 7 * 8?", "scores": {"small": 0, "large": 1},
-     "usage": {"small": {"prompt_tokens": 12, "completion_tokens": 3}, ...}}    # usage: optional
+     "usage": {"small": {"prompt_tokens": 12, "completion_tokens": 3}, ...},    # optional
+     "metadata": {"family": "arithmetic"}}                                      # optional, kept as is
 
 or from stored eval runs, one run per candidate over the same items (the run's model names the candidate;
-an item passed is 1, failed is 0; an errored item says nothing about quality and is left out).
+an item passed is 1, failed is 0; an item any run errored on says nothing about quality and is left out).
 """
 
 from __future__ import annotations
@@ -23,20 +24,26 @@ class GradedExample:
     input: str
     scores: dict[str, float]  # candidate -> score in [0, 1]
     usage: dict[str, dict[str, int]] = field(default_factory=dict)  # candidate -> {prompt_tokens, ...}
+    metadata: dict = field(default_factory=dict)  # what the grader knew (task family, ...), for analysis
 
     def to_dict(self) -> dict:
-        line = {"input": self.input, "scores": self.scores}
-        return {**line, "usage": self.usage} if self.usage else line
+        line = {"input": self.input, "scores": self.scores, "usage": self.usage, "metadata": self.metadata}
+        return {k: v for k, v in line.items() if v or k in ("input", "scores")}
 
 
 def parse_example(data, where: str) -> GradedExample:
     """One example from its JSON value; `where` names it in the error (`file.jsonl line 3`)."""
     if not isinstance(data, dict):
         raise RouterError(f"{where}: expected an object {{input, scores}}, got {type(data).__name__}")
-    unknown = set(data) - {"input", "scores", "usage"}
+    unknown = set(data) - {"input", "scores", "usage", "metadata"}
     if unknown:
-        raise RouterError(f"{where}: unknown field '{sorted(unknown)[0]}'; known: input, scores, usage")
+        raise RouterError(
+            f"{where}: unknown field '{sorted(unknown)[0]}'; known: input, scores, usage, metadata"
+        )
     text, scores, usage = data.get("input"), data.get("scores"), data.get("usage") or {}
+    metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise RouterError(f"{where}: 'metadata' must be an object")
     if not isinstance(text, str):
         raise RouterError(f"{where}: 'input' must be a string")
     if not isinstance(scores, dict) or not scores:
@@ -50,7 +57,7 @@ def parse_example(data, where: str) -> GradedExample:
         for u in usage.values()
     ):
         raise RouterError(f"{where}: 'usage' must be {{candidate: {{prompt_tokens, completion_tokens}}}}")
-    return GradedExample(text, {k: float(v) for k, v in scores.items()}, usage)
+    return GradedExample(text, {k: float(v) for k, v in scores.items()}, usage, metadata)
 
 
 def load_jsonl(path: str | Path) -> list[GradedExample]:
@@ -104,7 +111,11 @@ def from_eval_runs(store, run_ids: list[str]) -> list[GradedExample]:
             old.usage[run["model"]] = {
                 k: usage[k] for k in ("prompt_tokens", "completion_tokens") if k in usage
             }
-    return [by_idx[i] for i in sorted(by_idx)]
+    models = {rows.get(store, rows.runs, r)["model"] for r in run_ids}
+    if len(models) != len(run_ids):
+        raise RouterError("each eval run must sample a different model: the model names the candidate")
+    # An item some run errored on cannot be compared across the candidates: it is left out.
+    return [by_idx[i] for i in sorted(by_idx) if len(by_idx[i].scores) == len(models)]
 
 
 def _done_items(store, run_id: str) -> list[dict]:
