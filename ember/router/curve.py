@@ -32,9 +32,10 @@ class Point:
 
 
 def thresholds(probs: np.ndarray) -> list[float]:
-    """0, the quantiles of the predictions, and 1: every distinct routing the data can show, sampled."""
-    qs = np.quantile(probs, np.linspace(0, 1, THRESHOLD_QUANTILES))
-    return sorted({0.0, 1.0, *(float(q) for q in qs)})
+    """0, 1, the quantiles of the predictions and the midpoints between them: a routing changes only where
+    the threshold crosses a prediction, and a midpoint separates predictions that sit on a few values."""
+    ts = sorted({0.0, 1.0, *(float(q) for q in np.quantile(probs, np.linspace(0, 1, THRESHOLD_QUANTILES)))})
+    return sorted({*ts, *((a + b) / 2 for a, b in zip(ts[:-1], ts[1:], strict=True))})
 
 
 def router_curve(probs: np.ndarray, scores: np.ndarray, costs: np.ndarray) -> list[Point]:
