@@ -185,7 +185,8 @@ def curve_table(curve: dict) -> list[str]:
         "| threshold | cost per 1k requests (USD) | quality (router) | quality (random, same cost) | to few-shot |",
         "|---|---|---|---|---|",
     ]
-    for p in curve["points"]:
+    points = curve["points"]
+    for p in [*points[:: max(1, len(points) // 12)], points[-1]]:
         rows.append(
             f"| {p['threshold']:.3f} | {p['cost'] * 1000:.5f} | {p['quality']:.3f} | {p['random_quality']:.3f} | "
             f"{p['shares'][1]:.0%} |"

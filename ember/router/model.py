@@ -1,9 +1,11 @@
 """A learned router: P(good answer) per candidate from the input's features, and the cheapest candidate whose
 P(good) reaches a threshold (RouteLLM's rule, generalised from two models to a list ordered by cost).
 
-Raising the threshold can only shrink, for every input, the set of candidates that qualify, so the chosen
-candidate's cost never falls as the threshold rises: 0 sends everything to the cheapest candidate, 1 to the
-most expensive one (taken as the strongest: nobody prices a weaker one higher).
+Where no candidate reaches the threshold the best-predicted one is taken, not the most expensive: a dearer
+candidate is not always a better one (on this machine a long few-shot prompt helps some tasks and ruins
+others, benchmarks/ROUTER.md). Raising the threshold still never lowers the chosen candidate's cost: the
+qualifying set only shrinks while some candidate reaches the threshold, and the best-predicted candidate is
+in every set. 0 sends everything to the cheapest candidate, 1 each input to its best-predicted one.
 
 On disk a router is one directory: `router.json` (candidates with their costs, the feature config, the
 training report) and `weights.safetensors` (the feature scaler and one logistic head per candidate).
@@ -89,7 +91,7 @@ class LearnedRouter:
         return [dict(zip(self.candidates, map(float, row), strict=True)) for row in self.probs(texts)]
 
     def choose(self, text: str, threshold: float) -> str:
-        """The cheapest candidate with P(good) >= threshold; the most expensive one if none reaches it."""
+        """The cheapest candidate with P(good) >= threshold; the best-predicted one if none reaches it."""
         return self.choose_many([text], threshold)[0]
 
     def choose_many(self, texts: list[str], threshold: float) -> list[str]:
@@ -141,14 +143,12 @@ class LearnedRouter:
 
 
 def route(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """[n, k] P(good) with columns cheapest first -> [n] index of the chosen column per row.
-
-    A candidate qualifies when its P(good) >= threshold; at 1 none does (a logistic head can round to
-    exactly 1.0), so 1 means "always the most expensive" whatever the predictions."""
+    """[n, k] P(good) with columns cheapest first -> [n] index of the chosen column per row."""
     if not 0 <= threshold <= 1:
         raise RouterError(
-            f"threshold must be in [0, 1] (0: always the cheapest, 1: the dearest), got {threshold}"
+            f"threshold must be in [0, 1] (0: always the cheapest, 1: the best predicted), got {threshold}"
         )
-    ok = (probs >= threshold) & (threshold < 1)
-    first = ok.argmax(axis=1)  # the first qualifying column, or 0 where none qualifies
-    return np.where(ok.any(axis=1), first, probs.shape[1] - 1)
+    # The bar is the threshold, or the best prediction where none reaches it: the best-predicted candidate
+    # always qualifies, so no input is left without one.
+    bar = np.minimum(threshold, probs.max(axis=1, keepdims=True))
+    return (probs >= bar).argmax(axis=1)  # the first, i.e. cheapest, qualifying column
