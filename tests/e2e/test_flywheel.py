@@ -37,7 +37,7 @@ N_TRAIN, N_EVAL = 160, 40  # tune_learns' training size; few held-out items (eac
 TRAIN = dates(N_TRAIN, seed=1)
 HELD_OUT = dates(N_EVAL, seed=2, exclude={d for _, d in TRAIN})
 LOAD_THREADS = 2
-LOAD_PAUSE_S = 0.5  # steady but light: the 2 cores also train the adapter meanwhile
+LOAD_PAUSE_S = 2.0  # light: at 0.5 s the load took half the 2 cores from training (py-spy) and the test 6-10 min
 # tune_learns' SFT settings: one epoch, lr 1e-3 (5 x 2e-4), batch 8, rank 8, 128 tokens.
 # Near-duplicate dedupe is off: the task's prompts share a long instruction and differ in a few characters
 # (at the default 0.8, a third of them would go). Exact duplicates still go.
