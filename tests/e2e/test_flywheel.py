@@ -37,7 +37,7 @@ N_TRAIN, N_EVAL = 160, 40  # tune_learns' training size; few held-out items (eac
 TRAIN = dates(N_TRAIN, seed=1)
 HELD_OUT = dates(N_EVAL, seed=2, exclude={d for _, d in TRAIN})
 LOAD_THREADS = 2
-LOAD_PAUSE_S = 2.0  # light: at 0.5 s the load took half the 2 cores from training (py-spy) and the test 6-10 min
+LOAD_PAUSE_S = 2.0  # light: at 0.5 s the load took half the cores from training (py-spy)
 # tune_learns' SFT settings: one epoch, lr 1e-3 (5 x 2e-4), batch 8, rank 8, 128 tokens.
 # Near-duplicate dedupe is off: the task's prompts share a long instruction and differ in a few characters
 # (at the default 0.8, a third of them would go). Exact duplicates still go.
@@ -211,7 +211,7 @@ def test_the_flywheel_promotes_a_better_adapter_under_load(flywheel_server, orac
     base, admin, user = flywheel_server
     with Load(base) as load:
         run, report = run_flywheel(base, oracle, "oracle", "tag=support", tmp_path)
-        time.sleep(2.0)  # the load goes on over the new version
+        time.sleep(2 * LOAD_PAUSE_S + 1)  # the load goes on over the new version
     assert run["status"] == "completed" and run["decision"]["promote"], run["report"]
     assert run["dataset"]["examples"] == N_TRAIN and run["dataset"]["selected"] == N_TRAIN
     now = alias(admin)
