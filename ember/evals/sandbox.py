@@ -1,7 +1,8 @@
 """The `python` grader's sandbox: the user's `grade(sample, item) -> float` runs in a child process.
 
 What is enforced on the child:
-- wall time: the parent kills it after `timeout_s` (and RLIMIT_CPU stops a busy loop at the same bound);
+- wall time: the parent kills it after `timeout_s`; RLIMIT_CPU, a second later, is the backstop (at the
+  same bound a busy loop on a quiet machine met the CPU limit first and died by signal, unexplained);
 - memory: RLIMIT_AS (address space) of `memory_bytes`, hard limit too, so the code cannot raise it;
 - files: RLIMIT_FSIZE 0 (it cannot write a byte to a file), RLIMIT_CORE 0;
 - network: where unprivileged user namespaces exist (`unshare --net --map-root-user`), the child runs in
@@ -90,7 +91,7 @@ async def run_grader(
     source: str, sample: dict, item: dict, timeout_s: float = TIMEOUT_S, memory_bytes: int = MEMORY_BYTES
 ) -> Outcome:
     """The score `grade(sample, item)` returns, or why there is none (an exception, a limit)."""
-    limits = json.dumps({"memory": int(memory_bytes), "cpu": max(1, int(timeout_s + 0.999))})
+    limits = json.dumps({"memory": int(memory_bytes), "cpu": int(timeout_s + 0.999) + 1})
     job = json.dumps({"source": source, "sample": sample, "item": item}).encode()
     isolation = await asyncio.to_thread(network_isolation)  # probed once, off the event loop
     with tempfile.TemporaryDirectory(prefix="ember-grader-") as cwd:
