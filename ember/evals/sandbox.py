@@ -2,7 +2,7 @@
 
 What is enforced on the child:
 - wall time: the parent kills it after `timeout_s`; RLIMIT_CPU, a second later, is the backstop (at the
-  same bound a busy loop on a quiet machine met the CPU limit first and died by signal, unexplained);
+  same bound a busy loop could reach the CPU limit first and die by SIGKILL, unreported as a time limit);
 - memory: RLIMIT_AS (address space) of `memory_bytes`, hard limit too, so the code cannot raise it;
 - files: RLIMIT_FSIZE 0 (it cannot write a byte to a file), RLIMIT_CORE 0;
 - network: where unprivileged user namespaces exist (`unshare --net --map-root-user`), the child runs in
