@@ -194,7 +194,7 @@ class TraceRecorder:
             "adapter": item.adapter,
             "stream": isinstance(item.response, list),
             "request": red(json.loads(item.raw_request)),
-            "response": red(response),
+            "response": {**red(response), "id": response["id"]},  # the id is looked up by, never blanked
             "metadata": red(item.metadata),
             "usage": usage,
             "latency_ms": item.latency_ms,

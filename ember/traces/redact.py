@@ -1,8 +1,8 @@
 """Redaction: what is blanked out of a trace before it is written (the request, the response and the
 metadata values; every string in them).
 
-The built-in patterns catch e-mail addresses, phone numbers, credit-card-like digit runs and bearer
-tokens / API keys; each match becomes `[REDACTED:<kind>]`. An operator adds patterns with
+The built-in patterns catch e-mail addresses, phone numbers, card numbers (13 to 19 digits standing
+alone, that pass the Luhn check) and bearer tokens / API keys; each match becomes `[REDACTED:<kind>]`. An operator adds patterns with
 `--trace-redact PATTERN` (a Python regex; a match becomes `[REDACTED]`) and turns the built-ins off with
 `--trace-redact off`. Regexes miss what they were not written for: this lowers what a trace holds, it does
 not make a trace safe to publish.
@@ -25,7 +25,9 @@ BUILTIN: tuple[tuple[str, str], ...] = (
     ("secret", r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),  # Slack tokens
     ("secret", r"(?i)\b(?:api[_-]?key|secret|token|password)\b\s*[:=]\s*['\"]?[^\s'\",;]{6,}"),
     ("email", r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
-    ("card", r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)"),  # 13 to 19 digits, spaces or dashes between
+    # 13 to 19 digits, spaces or dashes between, not inside a word (a hex id holds digit runs); the Luhn
+    # check below keeps the rest of the false matches out
+    ("card", r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])"),
     ("phone", r"(?<![\w+])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)\s?|\d{2,4}[\s.-])\d{3,4}[\s.-]?\d{3,4}(?!\w)"),
 )
 
@@ -47,7 +49,10 @@ class Redactor:
 
     def text(self, s: str) -> str:
         for kind, pattern in self.patterns:
-            s = pattern.sub(f"[REDACTED:{kind}]" if kind else "[REDACTED]", s)
+            if kind == "card":
+                s = pattern.sub(lambda m: "[REDACTED:card]" if luhn(m.group()) else m.group(), s)
+            else:
+                s = pattern.sub(f"[REDACTED:{kind}]" if kind else "[REDACTED]", s)
         return s
 
     def value(self, v: Any) -> Any:
@@ -61,6 +66,17 @@ class Redactor:
         if isinstance(v, list):
             return [self.value(x) for x in v]
         return v
+
+
+def luhn(number: str) -> bool:
+    """Whether a digit run (spaces and dashes ignored) passes the Luhn check every card number passes."""
+    digits = [int(c) for c in number if c.isdigit()]
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
 
 
 def compile_pattern(spec: str) -> re.Pattern:
