@@ -76,6 +76,18 @@ class Backend:
         raise NotImplementedError
 
     @staticmethod
+    def add_rms_norm(
+        x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the norm after it: x, h [T, H] -> (x + h, rms_norm(x + h)), new tensors."""
+        raise NotImplementedError
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU on the fused gate-up projection's output: [T, 2I] (gate, then up) -> silu(gate) * up."""
+        raise NotImplementedError
+
+    @staticmethod
     def rope_write_kv(
         qkv: torch.Tensor,  # [T, (Hq + 2 * Hkv) * D], the fused projection's output
         cos: torch.Tensor,  # [T, D]

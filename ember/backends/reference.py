@@ -17,6 +17,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def add_rms_norm(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + h
+    return s, rms_norm(s, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def rope_write_kv(
     qkv: torch.Tensor,  # [T, (Hq + 2 * Hkv) * D]
     cos: torch.Tensor,  # [T, D]
@@ -64,6 +76,8 @@ def block_linear(
 class ReferenceBackend(Backend):
     name = "reference"
     rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    silu_mul = staticmethod(silu_mul)
     rope_write_kv = staticmethod(rope_write_kv)
     decode_attention = staticmethod(decode_attention)
     block_linear = staticmethod(block_linear)

@@ -11,7 +11,6 @@ ember.models.projections.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,6 +31,7 @@ class RMSNorm(nn.Module):
     def set_backend(self, backend: Backend) -> None:
         self.backend = backend
         self._rms_norm = backend.rms_norm  # held as a plain function: the call is the kernel's, nothing more
+        self._add_rms_norm = backend.add_rms_norm
 
     @property
     def cpu_kernel(self) -> bool:
@@ -39,6 +39,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
         return self._rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add before the norm in one call: -> (x + h, the norm of it)."""
+        return self._add_rms_norm(x, h, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -90,15 +94,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: Backend = REFERENCE):
         super().__init__()
-        self.intermediate = cfg.intermediate_size
         self.gate_up_proj = BY_NAME["gate_up_proj"].linear(cfg)
         self.down_proj = BY_NAME["down_proj"].linear(cfg)
+        self.set_backend(backend)
+
+    def set_backend(self, backend: Backend) -> None:
+        self._silu_mul = backend.silu_mul  # SwiGLU in one call (one C pass on the CPU backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self._silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -107,11 +113,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
         self.self_attn = Attention(cfg, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, backend)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, backend)
 
     def forward(self, x, cos_sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_forward(
+            x, self.self_attn(self.input_layernorm(x), cos_sin, kv_cache, meta)
+        )
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -156,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
         """Run the model's ops on `backend` from now on (the KV cache must be in its layout)."""
         self.backend = backend
         for module in self.modules():
-            if isinstance(module, RMSNorm | Attention):
+            if isinstance(module, RMSNorm | Attention | MLP):
                 module.set_backend(backend)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
