@@ -121,6 +121,18 @@ class DecoderLayer(nn.Module):
         )
         return x + self.mlp(h)
 
+    def forward_residual(self, x, residual, cos_sin, kv_cache, meta):
+        """The layer with its last residual add left to the next norm: -> (mlp output, residual), whose
+        sum is `forward`'s output. Each add then runs inside a norm's kernel, one call fewer per add."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            residual, h = self.input_layernorm.add_forward(residual, x)
+        residual, h = self.post_attention_layernorm.add_forward(
+            residual, self.self_attn(h, cos_sin, kv_cache, meta)
+        )
+        return self.mlp(h), residual
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None, backend: Backend = REFERENCE):
@@ -156,9 +168,10 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     x = layer(x, cos_sin, None, meta)
             return self.norm(x)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv, meta)
-        return self.norm(x)
+            x, residual = layer.forward_residual(x, residual, cos_sin, kv, meta)
+        return self.norm(x) if residual is None else self.norm.add_forward(residual, x)[1]
 
     def set_backend(self, backend: Backend) -> None:
         """Run the model's ops on `backend` from now on (the KV cache must be in its layout)."""
