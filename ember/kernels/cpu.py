@@ -6,6 +6,8 @@ compiler, and later processes load that library. It is linked against OpenMP, wh
 already loaded, so its loops share torch's threads (and follow `torch.set_num_threads`).
 
 Needs x86-64 with AVX2, FMA and F16C, and a C compiler; `unavailable_reason()` says what is missing.
+The block-quantized linear layers also have an AVX-512 VNNI version, chosen at run time where the CPU has
+the flags (`isa()`); `EMBER_CPU_ISA=avx2` keeps the AVX2 one (as the tests do, so both stay tested).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ FLAGS = [
     "-Werror=implicit-function-declaration",
 ]
 CPU_FLAGS = ("avx2", "fma", "f16c")
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+ISAS = ("avx2", "avx512")
 FORMATS = {"q4_1": 0, "q8_0": 1}
 F32 = torch.float32
 
@@ -66,6 +70,20 @@ def unavailable_reason() -> str | None:
     except (OSError, RuntimeError) as e:
         return str(e)
     return None
+
+
+def isa(requested: str | None = None) -> str:
+    """The instruction set the block kernels run with: `requested`, else $EMBER_CPU_ISA, else the widest
+    this CPU has ("avx512" with AVX-512 F/BW/VL/DQ and VNNI, else "avx2")."""
+    want = requested or os.environ.get("EMBER_CPU_ISA") or None
+    if want is not None and want not in ISAS:
+        raise ValueError(f"unknown CPU instruction set '{want}' (EMBER_CPU_ISA); known: {', '.join(ISAS)}")
+    flags = _cpu_flags() or set()
+    has_avx512 = all(f in flags for f in AVX512_FLAGS)
+    if want == "avx512" and not has_avx512:
+        missing = [f for f in AVX512_FLAGS if f not in flags]
+        raise ValueError(f"the avx512 kernels need {', '.join(missing)}, which this CPU lacks")
+    return want or ("avx512" if has_avx512 else "avx2")
 
 
 def available() -> bool:
@@ -103,7 +121,10 @@ def _library() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     fn.argtypes += [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     fn.restype = ctypes.c_int
+    lib.ember_quant_linear_avx512.argtypes, lib.ember_quant_linear_avx512.restype = fn.argtypes, fn.restype
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.ember_add_rms_norm.argtypes = [ptr, ptr, ptr, f32, i64, i64, ptr, ptr]
+    lib.ember_silu_mul.argtypes = [ptr, i64, i64, ptr]
     lib.ember_rms_norm.argtypes = [ptr, ptr, f32, i64, i64, ptr]
     lib.ember_rope_write_kv.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr]
     lib.ember_decode_attention.argtypes = [
@@ -123,7 +144,13 @@ def _library() -> ctypes.CDLL:
         f32,
     ]
     lib.ember_decode_attention.argtypes += [ptr]
-    for fn in (lib.ember_rms_norm, lib.ember_rope_write_kv, lib.ember_decode_attention):
+    for fn in (
+        lib.ember_rms_norm,
+        lib.ember_add_rms_norm,
+        lib.ember_silu_mul,
+        lib.ember_rope_write_kv,
+        lib.ember_decode_attention,
+    ):
         fn.restype = None
     return lib
 
@@ -132,7 +159,7 @@ class QuantLinear:
     """The block-quantized linear kernel bound to one weight: y [M, N] float32 = x [M, K] @ W.T (+ bias).
 
     Binding once keeps a call's Python work to the activations and the output, which matters at one row:
-    a decode step makes four such calls per layer.
+    a decode step makes four such calls per layer. `isa` picks the kernel (default: `isa()`).
     """
 
     def __init__(
@@ -142,11 +169,14 @@ class QuantLinear:
         d: torch.Tensor,  # [N, K / 32] float16 bits (int16)
         m: torch.Tensor | None,  # q4_1: [N, K / 32] float16 bits (int16)
         bias: torch.Tensor | None,  # [N] float32
+        isa: str | None = None,
     ):
+        self.isa = globals()["isa"](isa)
         self.n = codes.shape[0]
         self.k = codes.shape[1] * (2 if fmt == "q4_1" else 1)
         self._keep = (codes, d, m, bias)  # the pointers below stay valid while these live
-        self._fn = _library().ember_quant_linear
+        lib = _library()
+        self._fn = lib.ember_quant_linear_avx512 if self.isa == "avx512" else lib.ember_quant_linear
         self._format = FORMATS[fmt]
         self._weights = (
             codes.data_ptr(),
@@ -179,6 +209,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _library().ember_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm after it in one pass: -> (x + h, rms_norm(x + h)), both [T, H]."""
+    if not (
+        x.dtype == h.dtype == F32 and x.dim() == 2 and h.shape == x.shape and weight.shape == (x.shape[1],)
+    ):
+        raise ValueError(f"add_rms_norm takes float32 [T, H] twice and a weight [H] (got {tuple(x.shape)})")
+    x, h = x.contiguous(), h.contiguous()
+    s, out = torch.empty_like(x), torch.empty_like(x)
+    _library().ember_add_rms_norm(
+        x.data_ptr(),
+        h.data_ptr(),
+        weight.data_ptr(),
+        eps,
+        x.shape[0],
+        x.shape[1],
+        s.data_ptr(),
+        out.data_ptr(),
+    )
+    return s, out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on the fused gate-up output: [T, 2I] (gate, then up) -> silu(gate) * up, [T, I]."""
+    if gate_up.dtype != F32 or gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise ValueError(f"silu_mul takes float32 [T, 2I] (got {tuple(gate_up.shape)})")
+    gate_up = gate_up.contiguous()
+    out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=F32)
+    _library().ember_silu_mul(gate_up.data_ptr(), gate_up.shape[0], out.shape[1], out.data_ptr())
     return out
 
 

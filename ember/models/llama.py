@@ -125,6 +125,21 @@ class DecoderLayer(nn.Module):
         )
         return x + self.mlp(h)
 
+    def forward_residual(self, x, residual, cos_sin, kv_cache, meta):
+        """The layer with its last residual add left to the next norm: -> (mlp output, residual), whose
+        sum is `forward`'s output. Every add then runs inside a norm's fused kernel (x, with residual None:
+        the embeddings, the first layer's input)."""
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, norm(x)
+        else:
+            h, residual = self._add_rms_norm(x, residual, norm.weight, norm.eps)
+        norm = self.post_attention_layernorm
+        h, residual = self._add_rms_norm(
+            self.self_attn(h, cos_sin, kv_cache, meta), residual, norm.weight, norm.eps
+        )
+        return self.mlp(h), residual
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None, backend: Backend = REFERENCE):
@@ -160,9 +175,12 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     x = layer(x, cos_sin, None, meta)
             return self.norm(x)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, kv, meta)
-        return self.norm(x)
+            x, residual = layer.forward_residual(x, residual, cos_sin, kv, meta)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.backend.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def set_backend(self, backend: Backend) -> None:
         """Run the model's ops on `backend` from now on (the KV cache must be in its layout)."""

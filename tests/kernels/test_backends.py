@@ -11,6 +11,7 @@ import torch
 from ember.backends import CPU, REFERENCE, KVCacheLayout, registry, select_backend
 from ember.backends import cpu as cpu_backend
 from ember.engine.model_runner import ModelRunner
+from ember.kernels import cpu as kernels
 from ember.models.attention import AttentionMetadata
 from ember.models.block_formats import quantize_q4_1, quantize_q8_0
 from ember.models.config import ModelConfig
@@ -132,6 +133,57 @@ def test_block_linear_cpu_equals_reference(fmt, rows):
     want = REFERENCE.block_linear(fmt, *weight)(x)
     got = CPU.block_linear(fmt, *weight)(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+HAS_AVX512 = cpu_backend.unavailable_reason() is None and kernels.isa() == "avx512"
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "isa",
+    ["avx2", pytest.param("avx512", marks=pytest.mark.skipif(not HAS_AVX512, reason="no AVX-512 VNNI"))],
+)
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_block_linear_each_instruction_set_equals_reference(isa, fmt, rows):
+    # 13 weight rows (a tile of 4 and a ragged one) and 5 blocks (the AVX-512 path's odd last block).
+    torch.manual_seed(rows)
+    w = torch.randn(13, 160)
+    codes, d, m = quantize_q4_1(w) if fmt == "q4_1" else (*quantize_q8_0(w), None)
+    weight = (codes, d.view(torch.int16), None if m is None else m.view(torch.int16), torch.randn(13))
+    x = torch.randn(rows, 160)
+    want = REFERENCE.block_linear(fmt, *weight)(x)
+    got = kernels.QuantLinear(fmt, *weight, isa=isa)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernels
+def test_the_instruction_set_follows_the_env_and_refuses_unknown_ones(monkeypatch):
+    monkeypatch.setenv("EMBER_CPU_ISA", "avx2")
+    assert kernels.isa() == "avx2"
+    assert CPU.block_linear("q8_0", *_block_weight("q8_0")).isa == "avx2"
+    monkeypatch.setenv("EMBER_CPU_ISA", "sse2")
+    with pytest.raises(ValueError, match="unknown CPU instruction set 'sse2'"):
+        kernels.isa()
+    monkeypatch.delenv("EMBER_CPU_ISA")
+    assert kernels.isa() == ("avx512" if HAS_AVX512 else "avx2")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 7])
+def test_add_rms_norm_cpu_equals_reference(rows):
+    x, h, w = torch.randn(rows, 99) * 3, torch.randn(rows, 99), torch.randn(99)
+    for got, want in zip(CPU.add_rms_norm(x, h, w, 1e-5), REFERENCE.add_rms_norm(x, h, w, 1e-5), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3])
+def test_silu_mul_cpu_equals_reference(rows):
+    gate_up = torch.randn(rows, 2 * 101) * 8  # 101: a ragged tail after the 8-wide loop; large |gate| too
+    torch.testing.assert_close(
+        CPU.silu_and_mul(gate_up), REFERENCE.silu_and_mul(gate_up), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_custom_ops_are_registered_under_ember_and_match_the_reference():
