@@ -70,11 +70,13 @@ def choose(device: str, quantization: str | None, dtype: str) -> AutoChoice:
     if dtype in (AUTO, "float32"):
         missing = block_kernels_unavailable()
         if missing is None:
+            from ember.kernels.cpu import isa  # loaded with the backend above
+
             return AutoChoice(
                 "q4_1",
                 "float32",
-                f"{seen}: ember's C block kernels (AVX2) run here, and q4_1 weights (4.5 bits) read the "
-                "fewest bytes",
+                f"{seen}: ember's C block kernels ({isa().upper()}) run here, and q4_1 weights (4.5 bits) "
+                "read the fewest bytes",
             )
         return AutoChoice("int8", "float32", f"{seen}; {missing}; int8 weights on PyTorch's packed kernel")
     if dtype == "bfloat16":
